@@ -1,0 +1,108 @@
+"""Writing generations idempotently and reading outputs back."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import and_, case, func, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session, aliased
+
+from .schema import Example, Generation, Variant
+
+_UNIQUE = ["run_id", "example_idx", "variant"]
+
+
+def insert_generations(session: Session, rows: Sequence[dict[str, Any]]) -> int:
+    """Insert rows, ignoring any whose (run, example, variant) already exists. Returns rows inserted.
+
+    A redelivered chunk therefore never duplicates an output.
+    """
+    if not rows:
+        return 0
+    dialect = session.get_bind().dialect.name
+    table = Generation.__table__
+    if dialect == "postgresql":
+        stmt = postgresql.insert(table).on_conflict_do_nothing(index_elements=_UNIQUE)
+    elif dialect == "sqlite":
+        stmt = sqlite.insert(table).on_conflict_do_nothing(index_elements=_UNIQUE)
+    else:  # pragma: no cover - only the two supported backends
+        raise NotImplementedError(f"insert-or-ignore is not implemented for {dialect}")
+    # RETURNING lists only the rows actually inserted (rowcount is unreliable for batched inserts).
+    result = session.connection().execute(stmt.returning(table.c.id), list(rows))
+    return len(result.all())
+
+
+def done_pairs(session: Session, run_id: int, start_idx: int, end_idx: int) -> set[tuple[int, str]]:
+    """The (example_idx, variant) pairs that already have an output in [start_idx, end_idx)."""
+    stmt = select(Generation.example_idx, Generation.variant).where(
+        Generation.run_id == run_id, Generation.example_idx >= start_idx, Generation.example_idx < end_idx
+    )
+    return {(idx, variant) for idx, variant in session.execute(stmt)}
+
+
+def variant_summary(session: Session, run_id: int) -> list[dict[str, Any]]:
+    """Per variant: rows, rows with a score, rows correct, accuracy, and rows whose output differs from base."""
+    base = aliased(Generation)
+    stmt = (
+        select(
+            Generation.variant,
+            func.count(),
+            func.count(Generation.correct),
+            func.sum(case((Generation.correct.is_(True), 1), else_=0)),
+            func.sum(case((and_(base.output.is_not(None), base.output != Generation.output), 1), else_=0)),
+            func.avg(Generation.output_tokens),
+        )
+        .outerjoin(
+            base,
+            and_(
+                base.run_id == Generation.run_id,
+                base.example_idx == Generation.example_idx,
+                base.variant == "base",
+            ),
+        )
+        .where(Generation.run_id == run_id)
+        .group_by(Generation.variant)
+    )
+    stats = {row[0]: row[1:] for row in session.execute(stmt)}
+    order = session.scalars(select(Variant.name).where(Variant.run_id == run_id).order_by(Variant.position))
+    summary = []
+    for name in order:
+        rows, scored, correct, differ, mean_tokens = stats.get(name, (0, 0, 0, 0, None))
+        summary.append(
+            {
+                "variant": name,
+                "rows": int(rows),
+                "scored": int(scored),
+                "correct": int(correct or 0),
+                "accuracy": (int(correct or 0) / scored) if scored else None,
+                "differs_from_base": None if name == "base" else int(differ or 0),
+                "mean_output_tokens": float(mean_tokens) if mean_tokens is not None else None,
+            }
+        )
+    return summary
+
+
+def side_by_side(session: Session, run_id: int) -> list[dict[str, Any]]:
+    """One record per example: prompt, reference and, per variant, output, prediction, correct."""
+    stmt = (
+        select(Example.idx, Example.prompt, Example.reference, Generation.variant, Generation.output,
+               Generation.prediction, Generation.correct, Generation.finish_reason, Generation.output_tokens)
+        .join(Generation, (Generation.run_id == Example.run_id) & (Generation.example_idx == Example.idx))
+        .where(Example.run_id == run_id)
+        .order_by(Example.idx)
+    )
+    records: dict[int, dict[str, Any]] = {}
+    for idx, prompt, reference, variant, output, prediction, correct, finish_reason, tokens in session.execute(stmt):
+        record = records.setdefault(
+            idx, {"example_idx": idx, "prompt": prompt, "reference": reference, "variants": {}}
+        )
+        record["variants"][variant] = {
+            "output": output,
+            "prediction": prediction,
+            "correct": None if correct is None else bool(correct),
+            "finish_reason": finish_reason,
+            "output_tokens": tokens,
+        }
+    return list(records.values())

@@ -1,0 +1,258 @@
+"""Run and chunk records and their state transitions.
+
+Every function takes a session and never commits: the caller owns the transaction. Transitions that
+decide a run's final state lock the run row first (`FOR UPDATE` on PostgreSQL; SQLite serialises
+writers anyway), so two workers finishing the last two chunks at once cannot both miss the end.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import func, insert, select, update
+from sqlalchemy.orm import Session
+
+from .schema import Chunk, Example, Run, Variant, utcnow
+
+#: Longest error text kept on a chunk or run row.
+MAX_ERROR_CHARS = 2000
+
+
+@dataclass(frozen=True)
+class NewExample:
+    """A validated dataset row, ready to store."""
+
+    idx: int
+    data: dict[str, Any]
+    prompt: str
+    reference: str | None
+
+
+@dataclass(frozen=True)
+class NewVariant:
+    name: str
+    adapter_path: str | None
+    adapter_hash: str | None
+
+
+@dataclass(frozen=True)
+class ChunkClaim:
+    """What a worker needs to process a chunk it has claimed."""
+
+    run_id: int
+    chunk_id: int
+    attempt: int
+    start_idx: int
+    end_idx: int
+
+
+def chunk_bounds(n_examples: int, chunk_size: int) -> list[tuple[int, int]]:
+    """Contiguous [start, end) slices of at most `chunk_size` examples."""
+    return [(start, min(start + chunk_size, n_examples)) for start in range(0, n_examples, chunk_size)]
+
+
+def create_run(
+    session: Session,
+    *,
+    name: str,
+    config: dict[str, Any],
+    config_path: str | None,
+    base_model: str,
+    dataset_path: str,
+    dataset_sha256: str,
+    variants: Sequence[NewVariant],
+    examples: Sequence[NewExample],
+    chunk_size: int,
+) -> Run:
+    """Insert a run with its variants, examples and chunks (all `queued`)."""
+    bounds = chunk_bounds(len(examples), chunk_size)
+    run = Run(
+        name=name,
+        status="queued",
+        config=config,
+        config_path=config_path,
+        base_model=base_model,
+        dataset_path=dataset_path,
+        dataset_sha256=dataset_sha256,
+        n_examples=len(examples),
+        n_chunks=len(bounds),
+    )
+    session.add(run)
+    session.flush()  # assigns run.id
+    session.add_all(
+        Variant(run_id=run.id, name=v.name, position=i, adapter_path=v.adapter_path, adapter_hash=v.adapter_hash)
+        for i, v in enumerate(variants)
+    )
+    session.add_all(Chunk(run_id=run.id, id=i, start_idx=s, end_idx=e) for i, (s, e) in enumerate(bounds))
+    session.flush()
+    if examples:
+        session.execute(
+            insert(Example),
+            [
+                {
+                    "run_id": run.id,
+                    "idx": ex.idx,
+                    "chunk_id": ex.idx // chunk_size,
+                    "data": ex.data,
+                    "prompt": ex.prompt,
+                    "reference": ex.reference,
+                }
+                for ex in examples
+            ],
+        )
+    return run
+
+
+def get_run(session: Session, run_id: int) -> Run | None:
+    return session.get(Run, run_id)
+
+
+def run_variants(session: Session, run_id: int) -> list[Variant]:
+    return list(session.scalars(select(Variant).where(Variant.run_id == run_id).order_by(Variant.position)))
+
+
+def chunk_examples(session: Session, run_id: int, chunk_id: int) -> list[Example]:
+    stmt = select(Example).where(Example.run_id == run_id, Example.chunk_id == chunk_id).order_by(Example.idx)
+    return list(session.scalars(stmt))
+
+
+def chunk_ids(session: Session, run_id: int, statuses: Iterable[str]) -> list[int]:
+    stmt = select(Chunk.id).where(Chunk.run_id == run_id, Chunk.status.in_(list(statuses))).order_by(Chunk.id)
+    return list(session.scalars(stmt))
+
+
+def _lock_run(session: Session, run_id: int) -> Run | None:
+    return session.get(Run, run_id, with_for_update=True, populate_existing=True)
+
+
+def claim_chunk(
+    session: Session, run_id: int, chunk_id: int, *, worker: str, max_attempts: int
+) -> ChunkClaim | None:
+    """Mark a chunk `running` and count the attempt; None when there is nothing to do.
+
+    Nothing to do: the chunk is already done, failed or cancelled (a redelivered message), or it
+    has used up its attempts (then it is failed here, with that reason).
+    """
+    run = _lock_run(session, run_id)
+    chunk = session.get(Chunk, (run_id, chunk_id), with_for_update=True, populate_existing=True)
+    if run is None or chunk is None or chunk.status in ("done", "failed", "cancelled"):
+        return None
+    if run.status == "cancelled":
+        return None
+    if chunk.attempts >= max_attempts:
+        reason = f"gave up after {chunk.attempts} attempts"
+        if chunk.error:
+            reason += f"; last error: {chunk.error}"
+        _finish_chunk(session, run, chunk, "failed", error=reason)
+        return None
+    chunk.attempts += 1
+    chunk.status = "running"
+    chunk.worker = worker
+    chunk.started_at = utcnow()
+    if run.status == "queued":
+        run.status = "running"
+        run.started_at = run.started_at or utcnow()
+    return ChunkClaim(run_id, chunk_id, chunk.attempts, chunk.start_idx, chunk.end_idx)
+
+
+def complete_chunk(session: Session, run_id: int, chunk_id: int, *, generate_seconds: float | None) -> None:
+    run = _lock_run(session, run_id)
+    chunk = session.get(Chunk, (run_id, chunk_id), with_for_update=True, populate_existing=True)
+    if run is None or chunk is None:
+        return
+    chunk.generate_seconds = generate_seconds
+    _finish_chunk(session, run, chunk, "done", error=None)
+
+
+def fail_chunk(session: Session, run_id: int, chunk_id: int, *, error: str, final: bool) -> None:
+    """Record a chunk's error; `final` fails it, otherwise it goes back to `queued` for another try."""
+    run = _lock_run(session, run_id)
+    chunk = session.get(Chunk, (run_id, chunk_id), with_for_update=True, populate_existing=True)
+    if run is None or chunk is None or chunk.status in ("done", "cancelled"):
+        return
+    if final:
+        _finish_chunk(session, run, chunk, "failed", error=error)
+    else:
+        chunk.status = "queued"
+        chunk.error = error[:MAX_ERROR_CHARS]
+
+
+def _finish_chunk(session: Session, run: Run, chunk: Chunk, status: str, *, error: str | None) -> None:
+    chunk.status = status
+    chunk.finished_at = utcnow()
+    chunk.error = error[:MAX_ERROR_CHARS] if error else None
+    session.flush()
+    settle_run(session, run)
+
+
+def settle_run(session: Session, run: Run) -> None:
+    """Give the run its final state once no chunk is queued or running."""
+    counts = dict(
+        session.execute(
+            select(Chunk.status, func.count()).where(Chunk.run_id == run.id).group_by(Chunk.status)
+        ).all()
+    )
+    if counts.get("queued", 0) or counts.get("running", 0) or run.status in ("cancelled",):
+        return
+    run.finished_at = utcnow()
+    failed = chunk_ids(session, run.id, ["failed"])
+    if failed:
+        first = session.scalar(
+            select(Chunk.error).where(Chunk.run_id == run.id, Chunk.id == failed[0])
+        )
+        run.status = "failed"
+        run.error = f"chunk(s) {', '.join(map(str, failed))} failed: {first}"[:MAX_ERROR_CHARS]
+    else:
+        run.status = "completed"
+        run.error = None
+
+
+def fail_run(session: Session, run_id: int, error: str) -> None:
+    """Fail a whole run (for example: its config cannot be served at all); open chunks are cancelled."""
+    run = _lock_run(session, run_id)
+    if run is None:
+        return
+    session.execute(
+        update(Chunk)
+        .where(Chunk.run_id == run_id, Chunk.status.in_(["queued", "running"]))
+        .values(status="cancelled", finished_at=utcnow())
+    )
+    run.status = "failed"
+    run.error = error[:MAX_ERROR_CHARS]
+    run.finished_at = utcnow()
+
+
+def cancel_run(session: Session, run_id: int) -> int:
+    """Cancel the queued chunks of a run; returns how many. Running chunks finish their work."""
+    run = _lock_run(session, run_id)
+    if run is None:
+        return 0
+    result = session.execute(
+        update(Chunk)
+        .where(Chunk.run_id == run_id, Chunk.status == "queued")
+        .values(status="cancelled", finished_at=utcnow())
+    )
+    if run.status in ("queued", "running"):
+        run.status = "cancelled"
+        run.finished_at = utcnow()
+    return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+
+def requeue_run(session: Session, run_id: int) -> list[int]:
+    """Put every chunk that is not done back to `queued` with fresh attempts; returns their ids."""
+    run = _lock_run(session, run_id)
+    if run is None:
+        return []
+    ids = chunk_ids(session, run_id, ["queued", "failed", "cancelled", "running"])
+    if ids:
+        session.execute(
+            update(Chunk)
+            .where(Chunk.run_id == run_id, Chunk.id.in_(ids))
+            .values(status="queued", attempts=0, error=None, finished_at=None, queued_at=utcnow())
+        )
+        run.status = "queued" if not run.started_at else "running"
+        run.error = None
+        run.finished_at = None
+    return ids

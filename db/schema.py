@@ -1,0 +1,139 @@
+"""The schema, as SQLAlchemy 2.0 typed ORM classes.
+
+Tables: `runs` (one per submitted config), `variants` (base + each adapter of a run), `examples`
+(each dataset row with its rendered prompt), `chunks` (the unit of work on the queue) and
+`generations` (one row per run, example and variant). The views `outputs` and `comparisons`
+(public, stable) are created by the migrations, see `db/views.py`.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    ForeignKeyConstraint,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+#: Run states. A run is `queued` until a worker takes its first chunk.
+RUN_STATUSES = ("queued", "running", "completed", "failed", "cancelled")
+#: Chunk states.
+CHUNK_STATUSES = ("queued", "running", "done", "failed", "cancelled")
+#: Why generation of one row stopped.
+FINISH_REASONS = ("eos", "stop", "length", "error")
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Run(Base):
+    """One submitted run: its configuration, dataset identity and state."""
+
+    __tablename__ = "runs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(200))
+    status: Mapped[str] = mapped_column(String(16), default="queued", index=True)
+    config: Mapped[dict] = mapped_column(JSON)  # the validated config, as a plain dict
+    config_path: Mapped[str | None] = mapped_column(Text)
+    base_model: Mapped[str] = mapped_column(Text)
+    dataset_path: Mapped[str] = mapped_column(Text)
+    dataset_sha256: Mapped[str] = mapped_column(String(64))
+    n_examples: Mapped[int] = mapped_column(Integer)
+    n_chunks: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    error: Mapped[str | None] = mapped_column(Text)
+
+
+class Variant(Base):
+    """`base`, or one adapter of a run, with the hash of its files at submission."""
+
+    __tablename__ = "variants"
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    position: Mapped[int] = mapped_column(Integer)  # 0 for base, then the config's order
+    adapter_path: Mapped[str | None] = mapped_column(Text)
+    adapter_hash: Mapped[str | None] = mapped_column(String(64))
+
+
+class Example(Base):
+    """One dataset row: its position, raw fields, rendered prompt and reference."""
+
+    __tablename__ = "examples"
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    idx: Mapped[int] = mapped_column(Integer, primary_key=True)  # 0-based position in the dataset
+    chunk_id: Mapped[int] = mapped_column(Integer)
+    data: Mapped[dict] = mapped_column(JSON)
+    prompt: Mapped[str] = mapped_column(Text)
+    reference: Mapped[str | None] = mapped_column(Text)
+
+    __table_args__ = (Index("ix_examples_run_chunk", "run_id", "chunk_id"),)
+
+
+class Chunk(Base):
+    """A contiguous slice of a run's examples; the unit of work on the queue."""
+
+    __tablename__ = "chunks"
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)  # 0-based within the run
+    start_idx: Mapped[int] = mapped_column(Integer)
+    end_idx: Mapped[int] = mapped_column(Integer)  # exclusive
+    status: Mapped[str] = mapped_column(String(16), default="queued")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    worker: Mapped[str | None] = mapped_column(String(200))
+    queued_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    generate_seconds: Mapped[float | None] = mapped_column(Float)  # time spent in generation
+    error: Mapped[str | None] = mapped_column(Text)
+
+    __table_args__ = (Index("ix_chunks_run_status", "run_id", "status"),)
+
+
+class Generation(Base):
+    """One output: a run's example through one variant. Unique per (run, example, variant)."""
+
+    __tablename__ = "generations"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[int] = mapped_column(Integer)
+    example_idx: Mapped[int] = mapped_column(Integer)
+    variant: Mapped[str] = mapped_column(String(200))
+    chunk_id: Mapped[int] = mapped_column(Integer)
+    output: Mapped[str] = mapped_column(Text)
+    prediction: Mapped[str | None] = mapped_column(Text)
+    correct: Mapped[bool | None] = mapped_column(Boolean)
+    prompt_tokens: Mapped[int] = mapped_column(Integer)
+    output_tokens: Mapped[int] = mapped_column(Integer)
+    finish_reason: Mapped[str] = mapped_column(String(16))
+    base_model_hash: Mapped[str] = mapped_column(String(64))
+    adapter_hash: Mapped[str | None] = mapped_column(String(64))  # null for base rows
+    worker: Mapped[str | None] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    __table_args__ = (
+        UniqueConstraint("run_id", "example_idx", "variant", name="uq_generations_run_example_variant"),
+        ForeignKeyConstraint(
+            ["run_id", "example_idx"], ["examples.run_id", "examples.idx"], ondelete="CASCADE"
+        ),
+    )

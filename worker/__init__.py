@@ -1,0 +1,1 @@
+"""The GPU worker: Celery app and task, model host, prompt encoding, generation and scoring."""

@@ -1,0 +1,211 @@
+"""Processing one chunk: the pure part (examples in, output records out) and the SQL around it.
+
+`run_chunk` is what the tests exercise hardest: it renders nothing (the producer did), tokenizes
+each prompt once, generates every missing (example, variant) row on the one resident model, and
+scores the outputs. `process_chunk` claims the chunk in SQL, calls it, and writes the records
+idempotently with the chunk's completion, in one transaction.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.outputs import done_pairs, insert_generations
+from db.runs import chunk_examples, claim_chunk, complete_chunk, fail_chunk, get_run, run_variants
+from producer.config import RunConfig
+
+from .errors import FatalChunkError, RetryableChunkError
+from .generation import GenRow, generate_mixed, generate_separate
+from .model_host import ModelHost
+from .prompts import encode_prompts
+from .scoring import score
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ChunkExample:
+    idx: int
+    prompt: str
+    reference: str | None
+
+
+@dataclass(frozen=True)
+class VariantSpec:
+    """`base` (no folder) or an adapter's variant name and folder."""
+
+    name: str
+    adapter_path: str | None
+
+
+@dataclass(frozen=True)
+class OutputRecord:
+    example_idx: int
+    variant: str
+    output: str
+    prediction: str | None
+    correct: bool | None
+    prompt_tokens: int
+    output_tokens: int
+    finish_reason: str
+    base_model_hash: str
+    adapter_hash: str | None
+
+
+@dataclass(frozen=True)
+class ChunkOutcome:
+    records: list[OutputRecord]
+    generate_seconds: float
+
+
+def run_chunk(
+    host: ModelHost,
+    config: RunConfig,
+    examples: Sequence[ChunkExample],
+    variants: Sequence[VariantSpec],
+    *,
+    skip: frozenset[tuple[int, str]] = frozenset(),
+    seed: int = 0,
+) -> ChunkOutcome:
+    """Generate and score every (example, variant) of the chunk not in `skip`."""
+    host.ensure_base(config.model.base, dtype=config.model.dtype, trust_remote_code=config.model.trust_remote_code)
+    adapters: dict[str, tuple[str | None, str | None]] = {}  # variant -> (PEFT name, adapter hash)
+    for variant in variants:
+        if variant.adapter_path is None:
+            adapters[variant.name] = (None, None)
+        else:
+            adapters[variant.name] = host.ensure_adapter(variant.name, variant.adapter_path)
+
+    todo = [(ex, v) for ex in examples for v in variants if (ex.idx, v.name) not in skip]
+    if not todo:
+        return ChunkOutcome([], 0.0)
+    # Tokenize each prompt once for all its variants.
+    needed = sorted({ex.idx for ex, _ in todo})
+    by_idx = {ex.idx: ex for ex in examples}
+    token_ids = encode_prompts(
+        host.tokenizer,
+        [by_idx[i].prompt for i in needed],
+        system_prompt=config.dataset.system_prompt,
+        chat_template=config.dataset.chat_template,
+    )
+    ids_of = {i: tuple(ids) for i, ids in zip(needed, token_ids)}
+    rows = [GenRow(ids_of[ex.idx], adapters[v.name][0]) for ex, v in todo]
+
+    if config.generation.do_sample:
+        torch.manual_seed(seed)
+    started = time.perf_counter()
+    if config.inference.use_peft_directly:
+        results = generate_mixed(
+            host.model, host.tokenizer, rows, config.generation, batch_size=config.inference.batch_size,
+            device=host.device,
+        )
+    else:
+        results = generate_separate(
+            host.peft_model, host.tokenizer, rows, config.generation, batch_size=config.inference.batch_size,
+            device=host.device, layers_of=host.adapted_layers,
+        )
+    elapsed = time.perf_counter() - started
+
+    records = []
+    for (ex, variant), row, result in zip(todo, rows, results):
+        scored = score(result.text, ex.reference, config.scoring)
+        records.append(
+            OutputRecord(
+                example_idx=ex.idx,
+                variant=variant.name,
+                output=result.text,
+                prediction=scored.prediction,
+                correct=scored.correct,
+                prompt_tokens=len(row.input_ids),
+                output_tokens=result.output_tokens,
+                finish_reason=result.finish_reason,
+                base_model_hash=host.base_hash,
+                adapter_hash=adapters[variant.name][1],
+            )
+        )
+    return ChunkOutcome(records, elapsed)
+
+
+# --- the SQL around it -------------------------------------------------------------------------
+
+_TRANSIENT_DB_ERRORS = (OperationalError, PoolTimeoutError)
+
+
+def process_chunk(
+    sessions: sessionmaker[Session],
+    host: ModelHost,
+    run_id: int,
+    chunk_id: int,
+    *,
+    worker: str,
+    max_attempts: int,
+) -> str:
+    """Claim, generate, write, mark done. Returns what happened: done | skipped | retry | failed.
+
+    Raises RetryableChunkError when the database is unreachable (the message should be retried).
+    """
+    try:
+        with sessions.begin() as session:
+            claim = claim_chunk(session, run_id, chunk_id, worker=worker, max_attempts=max_attempts)
+            if claim is None:
+                return "skipped"
+            run = get_run(session, run_id)
+            assert run is not None
+            config = RunConfig.from_dict(run.config)
+            variants = [VariantSpec(v.name, v.adapter_path) for v in run_variants(session, run_id)]
+            examples = [ChunkExample(e.idx, e.prompt, e.reference) for e in chunk_examples(session, run_id, chunk_id)]
+            skip = frozenset(done_pairs(session, run_id, claim.start_idx, claim.end_idx))
+    except _TRANSIENT_DB_ERRORS as err:
+        raise RetryableChunkError(f"database unreachable: {err}") from err
+
+    log.info("run %s chunk %s attempt %s: %d examples x %d variants", run_id, chunk_id, claim.attempt,
+             len(examples), len(variants))
+    try:
+        with host.lock:
+            outcome = run_chunk(
+                host, config, examples, variants, skip=skip, seed=config.generation.seed * 1_000_003 + chunk_id
+            )
+    except FatalChunkError as err:
+        _record_failure(sessions, run_id, chunk_id, str(err), final=True)
+        return "failed"
+    except Exception as err:  # noqa: BLE001 - any other fault: counted, then retried up to the bound
+        log.exception("run %s chunk %s failed", run_id, chunk_id)
+        final = claim.attempt >= max_attempts
+        _record_failure(sessions, run_id, chunk_id, f"{type(err).__name__}: {err}", final=final)
+        return "failed" if final else "retry"
+
+    try:
+        with sessions.begin() as session:
+            insert_generations(session, [_row(run_id, chunk_id, worker, r) for r in outcome.records])
+            complete_chunk(session, run_id, chunk_id, generate_seconds=outcome.generate_seconds)
+    except _TRANSIENT_DB_ERRORS as err:
+        raise RetryableChunkError(f"database unreachable while writing outputs: {err}") from err
+    except Exception as err:  # noqa: BLE001 - a write that fails for another reason: counted and retried
+        log.exception("run %s chunk %s: writing outputs failed", run_id, chunk_id)
+        final = claim.attempt >= max_attempts
+        _record_failure(sessions, run_id, chunk_id, f"writing outputs: {type(err).__name__}: {err}", final=final)
+        return "failed" if final else "retry"
+    log.info("run %s chunk %s done: %d rows in %.2fs of generation", run_id, chunk_id, len(outcome.records),
+             outcome.generate_seconds)
+    return "done"
+
+
+def _row(run_id: int, chunk_id: int, worker: str, record: OutputRecord) -> dict[str, Any]:
+    return {"run_id": run_id, "chunk_id": chunk_id, "worker": worker, **asdict(record)}
+
+
+def _record_failure(sessions: sessionmaker[Session], run_id: int, chunk_id: int, error: str, *, final: bool) -> None:
+    try:
+        with sessions.begin() as session:
+            fail_chunk(session, run_id, chunk_id, error=error, final=final)
+    except _TRANSIENT_DB_ERRORS as err:
+        raise RetryableChunkError(f"database unreachable while recording a failure: {err}") from err

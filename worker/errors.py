@@ -1,0 +1,19 @@
+"""Errors raised by the worker, split into those worth retrying and those that fail a chunk now."""
+
+from __future__ import annotations
+
+
+class WorkerError(Exception):
+    """Base class of the worker's own errors."""
+
+
+class FatalChunkError(WorkerError):
+    """A chunk cannot succeed as configured (retrying it would fail the same way)."""
+
+
+class ModelLoadError(FatalChunkError):
+    """The base model or an adapter could not be loaded (missing, wrong format, wrong base)."""
+
+
+class RetryableChunkError(WorkerError):
+    """A passing fault (database, broker, out of memory once); the chunk is tried again."""

@@ -1,0 +1,194 @@
+"""The model host: one base model and its LoRA adapters, resident in one worker process.
+
+The base weights exist once. Every adapter is loaded by name onto the same `PeftModel` and stays
+resident (least recently used out first, above a bound). An adapter's PEFT name is derived from the
+hash of its files, so two runs may both call their adapter `math`, a changed folder is loaded anew,
+and each output records which adapter version produced it. Nothing is loaded at import time.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from producer.adapters import files_sha256, inspect_adapter
+from producer.errors import AdapterError
+from producer.settings import Settings
+
+from .demo_model import prepare_demo_model
+from .errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+#: Adapters kept resident at most; the least recently used one is unloaded beyond this.
+DEFAULT_MAX_ADAPTERS = 32
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_device(requested: str | None) -> torch.device:
+    """`auto`/None: the first GPU when there is one, else the CPU."""
+    if requested in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto`: bfloat16 on a GPU that supports it, float16 on one that does not, float32 on the CPU."""
+    if name != "auto":
+        return _DTYPES[name]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+@dataclass(frozen=True)
+class BaseKey:
+    """What identifies a loaded base model: its folder and the load options."""
+
+    folder: str
+    dtype: str
+    trust_remote_code: bool
+
+
+@dataclass
+class HostStats:
+    """Counters the tests and logs read: loads prove that warm workers do not reload."""
+
+    base_loads: int = 0
+    adapter_loads: int = 0
+    adapter_evictions: int = 0
+    base_hash: str | None = None
+    resident_adapters: list[str] = field(default_factory=list)
+
+
+class ModelHost:
+    """Holds the base model, its tokenizer and resident adapters for one device."""
+
+    def __init__(self, settings: Settings, *, device: str | None = None, max_adapters: int = DEFAULT_MAX_ADAPTERS):
+        self.settings = settings
+        self.device = pick_device(device)
+        self.max_adapters = max(1, max_adapters)
+        self.stats = HostStats()
+        self.lock = threading.RLock()  # one chunk at a time uses the model
+        self._key: BaseKey | None = None
+        self._model: Any = None  # PeftModel once an adapter is loaded, else the plain model
+        self._tokenizer: PreTrainedTokenizerBase | None = None
+        self._adapters: OrderedDict[str, str] = OrderedDict()  # adapter hash -> PEFT adapter name
+        self.base_hash: str = ""
+
+    # --- base model ---------------------------------------------------------------------------
+
+    def base_folder(self, base: str) -> Path:
+        if base == "demo":
+            return prepare_demo_model(self.settings.demo_model_dir)
+        return Path(base)
+
+    def ensure_base(self, base: str, *, dtype: str = "auto", trust_remote_code: bool = False) -> None:
+        """Load the base model unless it is the one already resident."""
+        folder = self.base_folder(base)
+        key = BaseKey(str(folder.resolve()), dtype, trust_remote_code)
+        if key == self._key:
+            return
+        self.unload()
+        if not (folder / "config.json").is_file():
+            raise ModelLoadError(f"base model {folder} is not a model folder (no config.json)")
+        weights = sorted(folder.glob("*.safetensors"))
+        if not weights:
+            raise ModelLoadError(f"base model {folder} has no .safetensors weights; pickle weights are not loaded")
+        torch_dtype = pick_dtype(dtype, self.device)
+        log.info("loading base model %s (%s) on %s", folder, torch_dtype, self.device)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+            model = AutoModelForCausalLM.from_pretrained(
+                str(folder), dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+            )
+        except (OSError, ValueError) as err:
+            raise ModelLoadError(f"cannot load base model {folder}: {err}") from err
+        model.to(self.device)
+        model.eval()
+        tokenizer.padding_side = "left"  # generation appends on the right
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self._model, self._tokenizer, self._key = model, tokenizer, key
+        self.base_hash = files_sha256([folder / "config.json", *weights])
+        self.stats.base_loads += 1
+        self.stats.base_hash = self.base_hash
+
+    def unload(self) -> None:
+        self._model = self._tokenizer = self._key = None
+        self._adapters.clear()
+        self.stats.resident_adapters = []
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    @property
+    def model(self) -> Any:
+        if self._model is None:
+            raise ModelLoadError("no base model is loaded")
+        return self._model
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        if self._tokenizer is None:
+            raise ModelLoadError("no base model is loaded")
+        return self._tokenizer
+
+    @property
+    def peft_model(self) -> PeftModel:
+        if not isinstance(self._model, PeftModel):
+            raise ModelLoadError("no adapter is loaded")
+        return self._model
+
+    # --- adapters -----------------------------------------------------------------------------
+
+    def ensure_adapter(self, variant: str, folder: str) -> tuple[str, str]:
+        """Make the adapter in `folder` resident; returns (PEFT adapter name, adapter hash)."""
+        try:
+            info = inspect_adapter(variant, folder)
+        except AdapterError as err:
+            raise ModelLoadError(str(err)) from err
+        digest = info.sha256
+        if digest in self._adapters:
+            self._adapters.move_to_end(digest)
+            return self._adapters[digest], digest
+        name = f"a{digest[:16]}"
+        log.info("loading adapter %s from %s as %s", variant, folder, name)
+        try:
+            if isinstance(self._model, PeftModel):
+                self._model.load_adapter(str(folder), adapter_name=name, is_trainable=False)
+            else:
+                self._model = PeftModel.from_pretrained(
+                    self.model, str(folder), adapter_name=name, is_trainable=False
+                )
+                self._model.eval()
+        except (RuntimeError, ValueError, OSError, KeyError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ModelLoadError(
+                f"adapter '{variant}' ({folder}) does not load onto this base model: {first}"
+            ) from err
+        self._adapters[digest] = name
+        self.stats.adapter_loads += 1
+        self._evict()
+        self.stats.resident_adapters = list(self._adapters.values())
+        return name, digest
+
+    def _evict(self) -> None:
+        while len(self._adapters) > self.max_adapters:
+            _, name = self._adapters.popitem(last=False)
+            log.info("unloading least recently used adapter %s", name)
+            self.peft_model.delete_adapter(name)
+            self.stats.adapter_evictions += 1
+
+    def adapted_layers(self, adapter: str) -> list[Any]:
+        """The LoRA layers that `adapter` changes (for merging it and restoring exactly)."""
+        from peft.tuners.lora import LoraLayer
+
+        return [m for m in self.peft_model.modules() if isinstance(m, LoraLayer) and adapter in m.lora_A]

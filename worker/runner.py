@@ -1,0 +1,79 @@
+"""How a worker runs: in this process for embedded mode, or as a long-lived Celery worker service."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+
+from celery.contrib.testing.worker import start_worker
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.progress import RunProgress, run_progress
+from db.runs import chunk_ids
+from producer.queue import DEFAULT_MAX_ATTEMPTS, DEFAULT_QUEUE, DEFAULT_VISIBILITY_TIMEOUT_S, enqueue_chunks
+from producer.settings import Settings
+
+from .app import create_app
+from .model_host import DEFAULT_MAX_ADAPTERS, ModelHost
+from .tasks import WorkerContext, configure, default_worker_name
+
+log = logging.getLogger(__name__)
+
+#: Run states after which nothing more happens.
+FINAL_STATES = ("completed", "failed", "cancelled")
+#: Seconds between progress polls in embedded mode.
+POLL_S = 0.5
+
+
+def run_embedded(
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    run_id: int,
+    *,
+    device: str | None = None,
+    on_progress: Callable[[RunProgress], None] | None = None,
+    host: ModelHost | None = None,
+) -> RunProgress:
+    """Run every queued chunk of `run_id` through the real Celery task, on an in-process worker
+    over Celery's in-memory transport; returns the final progress."""
+    host = host or ModelHost(settings, device=device)
+    app = create_app("memory://")
+    configure(WorkerContext(sessions=sessions, host=host, name=f"embedded:{default_worker_name()}"))
+    with start_worker(app, pool="solo", concurrency=1, perform_ping_check=False, shutdown_timeout=600,
+                      loglevel="WARNING", queues=[DEFAULT_QUEUE]):
+        with sessions.begin() as session:
+            queued = chunk_ids(session, run_id, ["queued"])
+        enqueue_chunks(app, run_id, queued)
+        while True:
+            with sessions() as session:
+                progress = run_progress(session, run_id)
+            assert progress is not None
+            if on_progress is not None:
+                on_progress(progress)
+            if progress.status in FINAL_STATES:
+                return progress
+            time.sleep(POLL_S)
+
+
+def serve(
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    *,
+    device: str | None,
+    queues: Sequence[str],
+    max_adapters: int = DEFAULT_MAX_ADAPTERS,
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+    visibility_timeout_s: int = DEFAULT_VISIBILITY_TIMEOUT_S,
+    hostname: str | None = None,
+    loglevel: str = "INFO",
+) -> None:
+    """A long-lived worker: one process, solo pool (CUDA is not fork-safe), the model resident."""
+    host = ModelHost(settings, device=device, max_adapters=max_adapters)
+    configure(WorkerContext(sessions=sessions, host=host, name=hostname or default_worker_name(),
+                            max_attempts=max_attempts))
+    app = create_app(settings.broker_url, visibility_timeout_s=visibility_timeout_s)
+    log.info("worker %s on %s, queues %s", hostname or default_worker_name(), host.device, ",".join(queues))
+    worker = app.Worker(pool="solo", concurrency=1, queues=list(queues), hostname=hostname, loglevel=loglevel,
+                        without_gossip=True, without_mingle=True)
+    worker.start()

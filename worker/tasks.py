@@ -1,0 +1,80 @@
+"""The chunk task: a thin shell over `worker.chunk.process_chunk`.
+
+The worker's resources (session factory, model host) are built once per process by `configure`
+(at worker start, after any fork) and read back by every task.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from celery import Celery, Task
+from sqlalchemy.orm import Session, sessionmaker
+
+from producer.queue import DEFAULT_MAX_ATTEMPTS, TASK_NAME
+
+from .chunk import process_chunk
+from .errors import RetryableChunkError
+from .model_host import ModelHost
+
+log = logging.getLogger(__name__)
+
+#: Seconds before a chunk is tried again after a passing fault (database or model error).
+RETRY_DELAY_S = 5
+
+
+@dataclass
+class WorkerContext:
+    sessions: sessionmaker[Session]
+    host: ModelHost
+    name: str
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+
+
+_context: WorkerContext | None = None
+
+
+def default_worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def configure(context: WorkerContext) -> None:
+    """Install this process's worker resources (call before the worker consumes anything)."""
+    global _context
+    _context = context
+
+
+def current_context() -> WorkerContext:
+    if _context is None:
+        raise RuntimeError("the worker is not configured: call worker.tasks.configure() at start")
+    return _context
+
+
+def run_chunk_task(self: Task, run_id: Any = None, chunk_id: Any = None, **extra: Any) -> str:
+    """Process chunk `chunk_id` of run `run_id` (ids only; everything else is in SQL)."""
+    if extra or not _is_id(run_id) or not _is_id(chunk_id):
+        log.error("rejected a malformed chunk message: run_id=%r chunk_id=%r extra=%r", run_id, chunk_id, extra)
+        return "rejected"
+    ctx = current_context()
+    try:
+        outcome = process_chunk(
+            ctx.sessions, ctx.host, run_id, chunk_id, worker=ctx.name, max_attempts=ctx.max_attempts
+        )
+    except RetryableChunkError as err:
+        log.warning("run %s chunk %s: %s; retrying in %ss", run_id, chunk_id, err, RETRY_DELAY_S)
+        raise self.retry(exc=err, countdown=RETRY_DELAY_S, max_retries=None) from err
+    if outcome == "retry":
+        raise self.retry(countdown=RETRY_DELAY_S, max_retries=None)
+    return outcome
+
+
+def _is_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def register_tasks(app: Celery) -> None:
+    app.task(name=TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True)(run_chunk_task)
