@@ -22,7 +22,8 @@ def insert_generations(session: Session, rows: Sequence[dict[str, Any]]) -> int:
     if not rows:
         return 0
     dialect = session.get_bind().dialect.name
-    table = Generation.__table__
+    table: Any = Generation.__table__
+    stmt: Any
     if dialect == "postgresql":
         stmt = postgresql.insert(table).on_conflict_do_nothing(index_elements=_UNIQUE)
     elif dialect == "sqlite":

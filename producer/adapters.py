@@ -137,7 +137,8 @@ def check_adapter_fits(info: AdapterInfo, base_shapes: dict[str, tuple[int, ...]
         if not _fits(kind, shape, weight):
             raise AdapterError(
                 f"adapter '{info.name}' (model.adapters.{info.name}) was made for another base model: "
-                f"{tensor} has shape {list(shape)}, which does not fit '{module}' of shape {list(weight)} in {base_label}"
+                f"{tensor} has shape {list(shape)}, which does not fit '{module}' of shape {list(weight)} "
+                f"in {base_label}"
             )
 
 

@@ -112,20 +112,22 @@ pass_context = click.make_pass_decorator(Context)
 
 
 def _progress_printer(enabled: bool) -> Callable[[RunProgress], None]:
-    last = {"line": ""}
+    """A progress bar redrawn in place on a terminal; elsewhere (logs, CI) one line per change."""
+    last: dict[str, Any] = {"line": "", "state": None}
     interactive = sys.stderr.isatty()
 
     def show(progress: RunProgress) -> None:
         if not enabled:
             return
         line = display.progress_line(progress)
+        state = (progress.status, progress.rows_done, dict(progress.chunks))
         if interactive:
             click.echo("\r" + line.ljust(len(last["line"])), nl=False, err=True)
             if progress.status in ("completed", "failed", "cancelled"):
                 click.echo("", err=True)
-        elif line.split("ETA")[0] != last["line"].split("ETA")[0]:
+        elif state != last["state"]:
             click.echo(line, err=True)
-        last["line"] = line
+        last["line"], last["state"] = line, state
 
     return show
 

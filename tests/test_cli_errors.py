@@ -95,7 +95,8 @@ CASES = {
                       ["bad.yaml", "key 'inference.chunk_size' must be at least 1, got -5"]),
     "yaml syntax": ("dataset:", "dataset: [unclosed\n", ["bad.yaml:", "YAML syntax error"]),
     "base as adapter name": ("    attn:", "    base:", ["bad.yaml", "key 'model.adapters.base' uses a reserved name"]),
-    "template field missing": ("plus {{ b }}", "plus {{ c }}", ["data.jsonl:1", "uses 'c'", "its fields: a, answer, b"]),
+    "template field missing": ("plus {{ b }}", "plus {{ c }}",
+                               ["data.jsonl:1", "uses 'c'", "its fields: a, answer, b"]),
 }
 
 

@@ -74,7 +74,8 @@ def test_outputs_are_written_once_per_run_example_variant(any_db_url: str) -> No
     with sessions.begin() as session:
         assert insert_generations(session, [_gen(run_id, 0, "base", "a", True), _gen(run_id, 0, "ad", "b", False)]) == 2
     with sessions.begin() as session:  # a redelivered chunk writes the same rows again
-        assert insert_generations(session, [_gen(run_id, 0, "base", "X", True), _gen(run_id, 1, "base", "c", None)]) == 1
+        again = [_gen(run_id, 0, "base", "X", True), _gen(run_id, 1, "base", "c", None)]
+        assert insert_generations(session, again) == 1
     with sessions() as session:
         rows = session.execute(select(Generation.example_idx, Generation.variant, Generation.output)).all()
         assert sorted(rows) == [(0, "ad", "b"), (0, "base", "a"), (1, "base", "c")]

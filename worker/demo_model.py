@@ -75,7 +75,7 @@ def _convert(gguf: Path, out: Path) -> None:
     config = quantized.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the weights we save are plain float32, not GGUF-quantized
-    plain = LlamaForCausalLM(config)
+    plain = LlamaForCausalLM(config)  # type: ignore[arg-type]
     plain.load_state_dict(quantized.state_dict(), strict=True)
     if plain.generation_config is not None:
         plain.generation_config.do_sample = False

@@ -82,7 +82,7 @@ def finish(
         if tok in eos_ids:
             tokens, ended_by_eos = tokens[:i], True
             break
-    text = tokenizer.decode(tokens, skip_special_tokens=True)
+    text = str(tokenizer.decode(tokens, skip_special_tokens=True))
     cut = min((pos for pos in (text.find(s) for s in stop) if pos >= 0), default=-1)
     if cut >= 0:
         return GenResult(text[:cut], len(tokens), "stop")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
 from producer.adapters import files_sha256, inspect_adapter
 from producer.errors import AdapterError
@@ -103,6 +105,7 @@ class ModelHost:
         weights = sorted(folder.glob("*.safetensors"))
         if not weights:
             raise ModelLoadError(f"base model {folder} has no .safetensors weights; pickle weights are not loaded")
+        hf_logging.disable_progress_bar()  # our own progress goes to stderr; theirs would interleave
         torch_dtype = pick_dtype(dtype, self.device)
         log.info("loading base model %s (%s) on %s", folder, torch_dtype, self.device)
         try:
@@ -112,7 +115,7 @@ class ModelHost:
             )
         except (OSError, ValueError) as err:
             raise ModelLoadError(f"cannot load base model {folder}: {err}") from err
-        model.to(self.device)
+        model.to(self.device)  # type: ignore[arg-type]
         model.eval()
         tokenizer.padding_side = "left"  # generation appends on the right
         if tokenizer.pad_token_id is None:
@@ -162,6 +165,7 @@ class ModelHost:
         name = f"a{digest[:16]}"
         log.info("loading adapter %s from %s as %s", variant, folder, name)
         try:
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
             if isinstance(self._model, PeftModel):
                 self._model.load_adapter(str(folder), adapter_name=name, is_trainable=False)
             else:

@@ -38,7 +38,7 @@ def run_embedded(
     """Run every queued chunk of `run_id` through the real Celery task, on an in-process worker
     over Celery's in-memory transport; returns the final progress."""
     host = host or ModelHost(settings, device=device)
-    app = create_app("memory://")
+    app = create_app("memory://localhost/")
     configure(WorkerContext(sessions=sessions, host=host, name=f"embedded:{default_worker_name()}"))
     with start_worker(app, pool="solo", concurrency=1, perform_ping_check=False, shutdown_timeout=600,
                       loglevel="WARNING", queues=[DEFAULT_QUEUE]):

@@ -7,8 +7,8 @@ The worker's resources (session factory, model host) are built once per process 
 from __future__ import annotations
 
 import logging
-import socket
 import os
+import socket
 from dataclasses import dataclass
 from typing import Any
 

@@ -11,7 +11,7 @@ connection = context.config.attributes.get("connection")
 if connection is None:  # pragma: no cover - only the alembic command line gets here
     from db.engine import make_engine
 
-    connection = make_engine(context.config.get_main_option("sqlalchemy.url")).connect()
+    connection = make_engine(context.config.get_main_option("sqlalchemy.url") or "").connect()
 
 context.configure(
     connection=connection,

@@ -1,23 +1,22 @@
 """initial schema: runs, variants, examples, chunks, generations and the public views
 
 Revision ID: 0001
-Revises: 
+Revises:
 Create Date: 2026-11-28 16:18:29.619003
 
 """
-from typing import Sequence, Union
+from collections.abc import Sequence
 
-from alembic import op
 import sqlalchemy as sa
+from alembic import op
 
 from db.views import COMPARISONS_VIEW, OUTPUTS_VIEW
 
-
 # revision identifiers, used by Alembic.
 revision: str = '0001'
-down_revision: Union[str, Sequence[str], None] = None
-branch_labels: Union[str, Sequence[str], None] = None
-depends_on: Union[str, Sequence[str], None] = None
+down_revision: str | Sequence[str] | None = None
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
