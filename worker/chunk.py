@@ -9,6 +9,8 @@ idempotently with the chunk's completion, in one transaction.
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -138,6 +140,11 @@ def run_chunk(
 # --- the SQL around it -------------------------------------------------------------------------
 
 _TRANSIENT_DB_ERRORS = (OperationalError, PoolTimeoutError)
+#: Seconds a worker keeps retrying to write a generated chunk while the database is unreachable,
+#: holding the outputs in memory, before it gives the chunk back to the queue.
+WRITE_RETRY_BUDGET_S = 600.0
+#: Longest pause between two write attempts, in seconds.
+WRITE_RETRY_MAX_DELAY_S = 10.0
 
 
 def process_chunk(
@@ -148,6 +155,7 @@ def process_chunk(
     *,
     worker: str,
     max_attempts: int,
+    crash_marker: str | None = None,
 ) -> str:
     """Claim, generate, write, mark done. Returns what happened: done | skipped | retry | failed.
 
@@ -169,6 +177,10 @@ def process_chunk(
 
     log.info("run %s chunk %s attempt %s: %d examples x %d variants", run_id, chunk_id, claim.attempt,
              len(examples), len(variants))
+    if crash_marker and any(crash_marker in ex.prompt for ex in examples):
+        # Fault injection for the crash tests: die the way an out-of-memory kill would.
+        log.error("fault injection: killing this worker on run %s chunk %s", run_id, chunk_id)
+        os.kill(os.getpid(), signal.SIGKILL)
     try:
         with host.lock:
             outcome = run_chunk(
@@ -183,20 +195,42 @@ def process_chunk(
         _record_failure(sessions, run_id, chunk_id, f"{type(err).__name__}: {err}", final=final)
         return "failed" if final else "retry"
 
+    rows = [_row(run_id, chunk_id, worker, r) for r in outcome.records]
     try:
-        with sessions.begin() as session:
-            insert_generations(session, [_row(run_id, chunk_id, worker, r) for r in outcome.records])
-            complete_chunk(session, run_id, chunk_id, generate_seconds=outcome.generate_seconds)
-    except _TRANSIENT_DB_ERRORS as err:
-        raise RetryableChunkError(f"database unreachable while writing outputs: {err}") from err
+        _write_outputs(sessions, run_id, chunk_id, rows, outcome.generate_seconds)
+    except RetryableChunkError:
+        raise
     except Exception as err:  # noqa: BLE001 - a write that fails for another reason: counted and retried
         log.exception("run %s chunk %s: writing outputs failed", run_id, chunk_id)
         final = claim.attempt >= max_attempts
         _record_failure(sessions, run_id, chunk_id, f"writing outputs: {type(err).__name__}: {err}", final=final)
         return "failed" if final else "retry"
-    log.info("run %s chunk %s done: %d rows in %.2fs of generation", run_id, chunk_id, len(outcome.records),
-             outcome.generate_seconds)
+    stats = host.stats
+    log.info("run %s chunk %s done: %d rows in %.2fs of generation (model loads so far: base %d, adapters %d; "
+             "resident adapters %d)", run_id, chunk_id, len(outcome.records), outcome.generate_seconds,
+             stats.base_loads, stats.adapter_loads, len(stats.resident_adapters))
     return "done"
+
+
+def _write_outputs(
+    sessions: sessionmaker[Session], run_id: int, chunk_id: int, rows: list[dict[str, Any]], seconds: float
+) -> None:
+    """Write the chunk's outputs and mark it done, retrying while the database is unreachable."""
+    deadline = time.monotonic() + WRITE_RETRY_BUDGET_S
+    delay = 0.5
+    while True:
+        try:
+            with sessions.begin() as session:
+                insert_generations(session, rows)
+                complete_chunk(session, run_id, chunk_id, generate_seconds=seconds)
+            return
+        except _TRANSIENT_DB_ERRORS as err:
+            if time.monotonic() + delay > deadline:
+                raise RetryableChunkError(f"database unreachable while writing outputs: {err}") from err
+            log.warning("run %s chunk %s: database unreachable while writing (%s); trying again in %.1fs",
+                        run_id, chunk_id, str(err).splitlines()[0], delay)
+            time.sleep(delay)
+            delay = min(delay * 2, WRITE_RETRY_MAX_DELAY_S)
 
 
 def _row(run_id: int, chunk_id: int, worker: str, record: OutputRecord) -> dict[str, Any]:

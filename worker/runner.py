@@ -67,13 +67,17 @@ def serve(
     visibility_timeout_s: int = DEFAULT_VISIBILITY_TIMEOUT_S,
     hostname: str | None = None,
     loglevel: str = "INFO",
+    crash_marker: str | None = None,
 ) -> None:
     """A long-lived worker: one process, solo pool (CUDA is not fork-safe), the model resident."""
+    from celery.utils.nodenames import default_nodename, host_format
+
+    nodename = host_format(default_nodename(hostname))
     host = ModelHost(settings, device=device, max_adapters=max_adapters)
-    configure(WorkerContext(sessions=sessions, host=host, name=hostname or default_worker_name(),
-                            max_attempts=max_attempts))
+    configure(WorkerContext(sessions=sessions, host=host, name=nodename, max_attempts=max_attempts,
+                            crash_marker=crash_marker))
     app = create_app(settings.broker_url, visibility_timeout_s=visibility_timeout_s)
-    log.info("worker %s on %s, queues %s", hostname or default_worker_name(), host.device, ",".join(queues))
-    worker = app.Worker(pool="solo", concurrency=1, queues=list(queues), hostname=hostname, loglevel=loglevel,
+    log.info("worker %s on %s, queues %s", nodename, host.device, ",".join(queues))
+    worker = app.Worker(pool="solo", concurrency=1, queues=list(queues), hostname=nodename, loglevel=loglevel,
                         without_gossip=True, without_mingle=True)
     worker.start()
