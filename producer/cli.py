@@ -166,9 +166,12 @@ def _run_here(obj: Context, config: Path, *, device: str | None, quiet: bool) ->
     with sessions.begin() as session:
         run_id = register_run(session, prepared)
     click.echo(f"run {run_id}: {len(prepared.examples)} examples x {1 + len(prepared.adapters)} variants", err=True)
-    run_embedded(sessions, obj.settings, run_id, device=device, on_progress=_progress_printer(not quiet))
+    final = run_embedded(sessions, obj.settings, run_id, device=device, on_progress=_progress_printer(not quiet))
     click.echo(_summary(sessions, run_id))
     click.echo(run_id)
+    if final.status != "completed":
+        click.echo(f"Error: run {run_id} {final.status}: {final.error or 'see lora-compare status'}", err=True)
+        sys.exit(1)
     return run_id
 
 

@@ -1,0 +1,86 @@
+"""The generation strategies on the real model, below the queue: merged passes restore the weights
+bit for bit, finished rows are cut at EOS or a stop string, and the prompt is encoded as documented."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from producer.config import GenerationConfig
+from producer.settings import Settings
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def host(demo_model: Path, test_adapters: dict[str, Path], settings: Settings):  # type: ignore[no-untyped-def]
+    from worker.model_host import ModelHost
+
+    host = ModelHost(settings, device="cpu")
+    host.ensure_base("demo", dtype="float32")
+    names = {v: host.ensure_adapter(v, str(p))[0] for v, p in test_adapters.items()}
+    return host, names
+
+
+def test_merged_passes_restore_the_base_weights_exactly(host) -> None:  # type: ignore[no-untyped-def]
+    import torch
+
+    from worker.generation import GenRow, generate_separate
+    from worker.prompts import encode_prompts
+
+    model_host, names = host
+    before = {k: v.detach().clone() for k, v in model_host.peft_model.named_parameters() if "lora_" not in k}
+    ids = encode_prompts(model_host.tokenizer, ["What is 2 plus 3?", "Name a colour."], system_prompt=None,
+                         chat_template=True)
+    rows = [GenRow(tuple(i), a) for i in ids for a in (None, *names.values())]
+    results = generate_separate(model_host.peft_model, model_host.tokenizer, rows, GenerationConfig(max_new_tokens=4),
+                                batch_size=4, device=model_host.device, layers_of=model_host.adapted_layers)
+    assert len(results) == len(rows)
+    after = dict(model_host.peft_model.named_parameters())
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(not layer.merged for layer in model_host.adapted_layers(next(iter(names.values()))))
+
+
+def test_stop_strings_and_eos_end_rows(host) -> None:  # type: ignore[no-untyped-def]
+    from worker.generation import GenRow, generate_mixed
+    from worker.prompts import encode_prompts
+
+    model_host, names = host
+    ids = encode_prompts(model_host.tokenizer, ["List three fruits, one per line."], system_prompt=None,
+                         chat_template=True)
+    free = generate_mixed(model_host.model, model_host.tokenizer, [GenRow(tuple(ids[0]), None)],
+                          GenerationConfig(max_new_tokens=40), batch_size=1, device=model_host.device)[0]
+    assert "\n" in free.text, free.text  # the model writes several lines when allowed to
+    stopped = generate_mixed(model_host.model, model_host.tokenizer, [GenRow(tuple(ids[0]), None)],
+                             GenerationConfig(max_new_tokens=40, stop=("\n",)), batch_size=1,
+                             device=model_host.device)[0]
+    assert stopped.finish_reason == "stop" and "\n" not in stopped.text
+    assert free.text.startswith(stopped.text)
+    assert stopped.output_tokens < 40
+    short = generate_mixed(model_host.model, model_host.tokenizer, [GenRow(tuple(ids[0]), None)],
+                           GenerationConfig(max_new_tokens=2), batch_size=1, device=model_host.device)[0]
+    assert short.finish_reason == "length" and short.output_tokens == 2
+
+
+def test_prompt_encoding_uses_exactly_the_documented_messages(host) -> None:  # type: ignore[no-untyped-def]
+    from worker.prompts import encode_prompts, prompt_text
+
+    model_host, _ = host
+    tokenizer = model_host.tokenizer
+    with_system = prompt_text(tokenizer, "Hi", system_prompt="Be brief.", chat_template=True)
+    expected = tokenizer.apply_chat_template([{"role": "system", "content": "Be brief."},
+                                              {"role": "user", "content": "Hi"}],
+                                             add_generation_prompt=True, tokenize=False)
+    assert with_system == expected
+    assert prompt_text(tokenizer, "Hi", system_prompt=None, chat_template=False) == "Hi"
+    ids = encode_prompts(tokenizer, ["Hi"], system_prompt="Be brief.", chat_template=True)[0]
+    assert ids == tokenizer(expected, add_special_tokens=False)["input_ids"]
+
+
+def test_a_warm_host_reuses_model_and_adapters(host, test_adapters: dict[str, Path]) -> None:  # type: ignore
+    model_host, names = host
+    loads = (model_host.stats.base_loads, model_host.stats.adapter_loads)
+    model_host.ensure_base("demo", dtype="float32")
+    assert model_host.ensure_adapter("attn", str(test_adapters["attn"]))[0] == names["attn"]
+    assert (model_host.stats.base_loads, model_host.stats.adapter_loads) == loads
