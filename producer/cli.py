@@ -353,6 +353,96 @@ def results(obj: Context, run_id: int, variants: tuple[str, ...], only_diff: boo
             click.echo(display.to_table(narrow, [[row[i] for i in keep] for row in rows], max_cell=40))
 
 
+def _report_inputs(sessions: sessionmaker[Session], run_id: int) -> tuple[Any, list[str], list[dict[str, Any]]]:
+    with sessions() as session:
+        run = get_run(session, run_id)
+        if run is None:
+            raise RunNotFoundError(f"no run with id {run_id}")
+        names = [v.name for v in run_variants(session, run_id)]
+        records = side_by_side(session, run_id)
+    return run, names, records
+
+
+def _elapsed(run: Any) -> float | None:
+    if run.started_at is None or run.finished_at is None:
+        return None
+    return (run.finished_at - run.started_at).total_seconds() or None
+
+
+@cli.command()
+@click.argument("run_id", type=int)
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.option("--html", "html_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write a self-contained HTML report to this file.")
+@pass_context
+@_errors
+def report(obj: Context, run_id: int, fmt: str, html_file: Path | None) -> None:
+    """Per-variant scores with 95% intervals and paired comparisons of each adapter with base."""
+    from .report import build_report, comparison_rows, variant_rows
+
+    run, names, records = _report_inputs(obj.sessions(), run_id)
+    result = build_report(run_id, records, names, elapsed_s=_elapsed(run))
+    if html_file is not None:
+        from .html_report import render_html
+
+        meta = {"name": run.name, "status": run.status, "base": run.base_model, "dataset": run.dataset_path,
+                "examples": run.n_examples}
+        html_file.write_text(render_html(result, records, meta), encoding="utf-8")
+        click.echo(f"wrote {html_file}", err=True)
+    if fmt == "json":
+        click.echo(display.to_json_object(result.to_json()))
+        return
+    click.echo(f"run {run_id} ({run.name}): {run.status}, {run.n_examples} examples")
+    if not result.has_scores:
+        click.echo("no references: this run has no scores; changed outputs and lengths only")
+    columns, rows = variant_rows(result)
+    click.echo(display.to_table(columns, rows))
+    if result.comparisons:
+        click.echo("")
+        columns, rows = comparison_rows(result.comparisons)
+        click.echo(display.to_table(columns, rows))
+    if result.rows_per_s:
+        click.echo(f"\nthroughput: {result.rows_per_s:.2f} rows/s, {result.tokens_per_s:.1f} generated tokens/s")
+
+
+@cli.command()
+@click.argument("run_a", type=int)
+@click.argument("run_b", type=int)
+@click.option("--variant-a", default=None, help="Variant of RUN_A (default: its only adapter).")
+@click.option("--variant-b", default=None, help="Variant of RUN_B (default: its only adapter).")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@pass_context
+@_errors
+def compare(obj: Context, run_a: int, run_b: int, variant_a: str | None, variant_b: str | None, fmt: str) -> None:
+    """Paired statistics of a variant of RUN_B against a variant of RUN_A on the same dataset."""
+    from .report import compare_runs, comparison_rows
+
+    sessions = obj.sessions()
+    run_1, names_a, records_a = _report_inputs(sessions, run_a)
+    run_2, names_b, records_b = _report_inputs(sessions, run_b)
+    if run_1.dataset_sha256 != run_2.dataset_sha256 or run_1.n_examples != run_2.n_examples:
+        raise ProducerError(f"runs {run_a} and {run_b} are not on the same dataset "
+                            f"({run_1.dataset_path} vs {run_2.dataset_path}); their examples cannot be paired")
+    chosen = []
+    for run_id, names, variant, flag in ((run_a, names_a, variant_a, "--variant-a"),
+                                         (run_b, names_b, variant_b, "--variant-b")):
+        adapters = [n for n in names if n != "base"]
+        if variant is None:
+            if len(adapters) != 1:
+                raise ProducerError(f"run {run_id} has adapters {', '.join(adapters)}: choose one with {flag}")
+            variant = adapters[0]
+        if variant not in names:
+            raise ProducerError(f"run {run_id} has no variant {variant} (it has {', '.join(names)})")
+        chosen.append(variant)
+    result = compare_runs(records_a, chosen[0], records_b, chosen[1], run_a=run_a, run_b=run_b)
+    if fmt == "json":
+        click.echo(display.to_json_object({"run_a": run_a, "variant_a": chosen[0], "run_b": run_b,
+                                           "variant_b": chosen[1], "paired": result.paired, **result.to_json()}))
+        return
+    columns, rows = comparison_rows([result])
+    click.echo(display.to_table(columns, rows))
+
+
 @cli.command()
 @click.argument("query")
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True)

@@ -1,0 +1,151 @@
+"""Reports: per-variant scores with Wilson intervals, and paired comparisons against a baseline.
+
+Built from the side-by-side records of `db.outputs.side_by_side`; `compare` pairs two variants
+that may come from two runs on the same dataset. The JSON shape is a public contract.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .stats import mcnemar_exact, paired_bootstrap, wilson
+
+Records = Sequence[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class VariantStats:
+    variant: str
+    rows: int
+    n: int  # rows with a score
+    correct: int
+    accuracy: float | None
+    ci_low: float | None
+    ci_high: float | None
+    mean_tokens: float | None
+    lengths: list[int] = field(default_factory=list)  # output tokens, for the length distribution
+
+    def to_json(self) -> dict[str, Any]:
+        return {"variant": self.variant, "n": self.n, "correct": self.correct, "accuracy": self.accuracy,
+                "ci_low": self.ci_low, "ci_high": self.ci_high}
+
+
+@dataclass(frozen=True)
+class Comparison:
+    variant: str  # the candidate
+    baseline: str
+    paired: int  # examples where both have an output
+    scored: int  # ... and a score
+    wins: int  # candidate right, baseline wrong
+    losses: int
+    ties: int
+    mcnemar_p: float | None
+    delta: float | None
+    delta_ci_low: float | None
+    delta_ci_high: float | None
+    changed: float | None  # share of paired outputs that differ at all
+
+    def to_json(self) -> dict[str, Any]:
+        return {"variant": self.variant, "wins": self.wins, "losses": self.losses, "ties": self.ties,
+                "mcnemar_p": self.mcnemar_p, "delta": self.delta, "delta_ci_low": self.delta_ci_low,
+                "delta_ci_high": self.delta_ci_high, "changed": self.changed}
+
+
+@dataclass(frozen=True)
+class Report:
+    run_id: int
+    variants: list[VariantStats]
+    comparisons: list[Comparison]
+    has_scores: bool
+    rows_per_s: float | None = None
+    tokens_per_s: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"run_id": self.run_id, "variants": [v.to_json() for v in self.variants],
+                "comparisons": [c.to_json() for c in self.comparisons]}
+
+
+def _cells(records: Records, variant: str) -> dict[int, dict[str, Any]]:
+    return {r["example_idx"]: r["variants"][variant] for r in records if variant in r["variants"]}
+
+
+def variant_stats(records: Records, variant: str) -> VariantStats:
+    cells = list(_cells(records, variant).values())
+    scored = [c for c in cells if c["correct"] is not None]
+    correct = sum(1 for c in scored if c["correct"])
+    lengths = [int(c["output_tokens"]) for c in cells]
+    if scored:
+        low, high = wilson(correct, len(scored))
+        accuracy: float | None = correct / len(scored)
+    else:
+        low = high = accuracy = None
+    return VariantStats(variant, len(cells), len(scored), correct, accuracy, low if scored else None,
+                        high if scored else None, sum(lengths) / len(lengths) if lengths else None, lengths)
+
+
+def compare_cells(baseline: dict[int, dict[str, Any]], candidate: dict[int, dict[str, Any]], *,
+                  baseline_name: str, candidate_name: str) -> Comparison:
+    """Paired statistics of `candidate` against `baseline` over the examples both have."""
+    common = sorted(set(baseline) & set(candidate))
+    changed = sum(1 for i in common if baseline[i]["output"] != candidate[i]["output"])
+    both = [i for i in common if baseline[i]["correct"] is not None and candidate[i]["correct"] is not None]
+    wins = sum(1 for i in both if candidate[i]["correct"] and not baseline[i]["correct"])
+    losses = sum(1 for i in both if baseline[i]["correct"] and not candidate[i]["correct"])
+    ties = len(both) - wins - losses
+    if both:
+        delta, low, high = paired_bootstrap(wins, losses, ties)
+        p: float | None = mcnemar_exact(wins, losses)
+    else:
+        delta = low = high = p = None  # type: ignore[assignment]
+    return Comparison(candidate_name, baseline_name, len(common), len(both), wins, losses, ties, p, delta, low, high,
+                      changed / len(common) if common else None)
+
+
+def build_report(run_id: int, records: Records, variants: Sequence[str], *, elapsed_s: float | None = None) -> Report:
+    stats = [variant_stats(records, v) for v in variants]
+    base = _cells(records, "base")
+    comparisons = [compare_cells(base, _cells(records, v), baseline_name="base", candidate_name=v)
+                   for v in variants if v != "base"]
+    rows = sum(s.rows for s in stats)
+    tokens = sum(sum(s.lengths) for s in stats)
+    rate = rows / elapsed_s if elapsed_s else None
+    token_rate = tokens / elapsed_s if elapsed_s else None
+    return Report(run_id, stats, comparisons, any(s.n for s in stats), rate, token_rate)
+
+
+def compare_runs(records_a: Records, variant_a: str, records_b: Records, variant_b: str, *, run_a: int,
+                 run_b: int) -> Comparison:
+    return compare_cells(_cells(records_a, variant_a), _cells(records_b, variant_b),
+                         baseline_name=f"{run_a}:{variant_a}", candidate_name=f"{run_b}:{variant_b}")
+
+
+# --- text -----------------------------------------------------------------------------------------
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
+
+
+def _p(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.2e}" if value < 1e-3 else f"{value:.3f}"
+
+
+def comparison_rows(comparisons: Sequence[Comparison]) -> tuple[list[str], list[list[Any]]]:
+    columns = ["variant", "vs", "wins", "losses", "ties", "McNemar p", "delta", "95% CI", "changed"]
+    rows = [[c.variant, c.baseline, c.wins, c.losses, c.ties, _p(c.mcnemar_p),
+             "-" if c.delta is None else f"{c.delta:+.1%}",
+             "-" if c.delta_ci_low is None else f"[{c.delta_ci_low:+.1%}, {c.delta_ci_high:+.1%}]",
+             _pct(c.changed)] for c in comparisons]
+    return columns, rows
+
+
+def variant_rows(report: Report) -> tuple[list[str], list[list[Any]]]:
+    columns = ["variant", "rows", "correct", "accuracy", "95% CI", "mean tokens"]
+    rows = [[s.variant, s.rows, f"{s.correct}/{s.n}" if s.n else "-", _pct(s.accuracy),
+             "-" if s.ci_low is None else f"[{s.ci_low:.1%}, {s.ci_high:.1%}]",
+             "-" if s.mean_tokens is None else f"{s.mean_tokens:.1f}"] for s in report.variants]
+    return columns, rows
