@@ -76,13 +76,12 @@ def variant_stats(records: Records, variant: str) -> VariantStats:
     scored = [c for c in cells if c["correct"] is not None]
     correct = sum(1 for c in scored if c["correct"])
     lengths = [int(c["output_tokens"]) for c in cells]
+    accuracy = low = high = None
     if scored:
         low, high = wilson(correct, len(scored))
-        accuracy: float | None = correct / len(scored)
-    else:
-        low = high = accuracy = None
-    return VariantStats(variant, len(cells), len(scored), correct, accuracy, low if scored else None,
-                        high if scored else None, sum(lengths) / len(lengths) if lengths else None, lengths)
+        accuracy = correct / len(scored)
+    return VariantStats(variant, len(cells), len(scored), correct, accuracy, low, high,
+                        sum(lengths) / len(lengths) if lengths else None, lengths)
 
 
 def compare_cells(baseline: dict[int, dict[str, Any]], candidate: dict[int, dict[str, Any]], *,
