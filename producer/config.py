@@ -23,7 +23,7 @@ RESERVED_VARIANTS = ("base", "__base__")
 #: What an adapter name may contain (it is a column value and a PEFT adapter name).
 ADAPTER_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-MATCHES = ("exact", "contains", "numeric")
+MATCHES = ("exact", "contains", "numeric", "choice")
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,8 @@ class InferenceConfig:
 class ScoringConfig:
     extract: str | None = None
     match: str = "exact"
+    normalize: bool = False  # SQuAD-style: case, punctuation, articles, white space (exact, contains)
+    tolerance: float = 0.0  # numeric: absolute difference still counted as equal
 
 
 @dataclass(frozen=True)
@@ -124,7 +126,7 @@ _SECTIONS: dict[str, tuple[str, ...]] = {
     "dataset": ("path", "prompt", "reference", "system_prompt", "chat_template", "limit"),
     "generation": ("max_new_tokens", "do_sample", "temperature", "top_p", "seed", "stop"),
     "inference": ("batch_size", "chunk_size", "use_peft_directly"),
-    "scoring": ("extract", "match"),
+    "scoring": ("extract", "match", "normalize", "tolerance"),
 }
 _TOP = ("name", *_SECTIONS)
 
@@ -294,7 +296,12 @@ def _parse(data: dict[str, Any], *, source: str, base_dir: Path | None) -> RunCo
             re.compile(extract)
         except re.error as err:
             raise s.error("extract", f"is not a valid regular expression: {err}") from None
-    scoring = ScoringConfig(extract=extract, match=s.choice("match", "exact", MATCHES))
+    scoring = ScoringConfig(
+        extract=extract,
+        match=s.choice("match", "exact", MATCHES),
+        normalize=s.boolean("normalize", False),
+        tolerance=s.number("tolerance", 0.0, low=0.0, high=float("inf")),
+    )
 
     return RunConfig(
         name=name.strip(), model=model, dataset=dataset, generation=generation, inference=inference, scoring=scoring

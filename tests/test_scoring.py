@@ -35,3 +35,28 @@ def test_exact_contains_numeric() -> None:
 def test_no_reference_means_no_score() -> None:
     result = score("anything", None, ScoringConfig())
     assert result.correct is None and result.prediction == "anything"
+
+
+def test_squad_normalisation() -> None:
+    from worker.scoring import normalize_answer
+
+    assert normalize_answer("  The Eiffel  Tower! ") == "eiffel tower"
+    assert score("the Eiffel tower.", "Eiffel Tower", ScoringConfig(match="exact", normalize=True)).correct is True
+    assert score("the Eiffel tower.", "Eiffel Tower", ScoringConfig(match="exact")).correct is False
+    assert score("It's THE Eiffel Tower, in Paris", "eiffel tower",
+                 ScoringConfig(match="contains", normalize=True)).correct is True
+
+
+def test_numeric_tolerance() -> None:
+    assert score("about 3.14", "3.14159", ScoringConfig(match="numeric", tolerance=0.01)).correct is True
+    assert score("about 3.14", "3.14159", ScoringConfig(match="numeric")).correct is False
+
+
+@pytest.mark.parametrize(
+    ("output", "letter"),
+    [("B", "B"), ("(C) because", "C"), ("Answer: D.", "D"), ("A) yes", "A"), ("I think it is no", None)],
+)
+def test_choice_extracts_a_letter(output: str, letter: str | None) -> None:
+    result = score(output, "(d)" if letter == "D" else letter or "A", ScoringConfig(match="choice"))
+    assert result.prediction == letter
+    assert result.correct is (letter is not None)
