@@ -29,8 +29,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 RUN_STATUSES = ("queued", "running", "completed", "failed", "cancelled")
 #: Chunk states.
 CHUNK_STATUSES = ("queued", "running", "done", "failed", "cancelled")
-#: Why generation of one row stopped.
-FINISH_REASONS = ("eos", "stop", "length", "error")
+#: Why generation of one row stopped, or why it never started.
+FINISH_REASONS = ("eos", "stop", "length", "empty_prompt", "prompt_too_long")
 
 
 def utcnow() -> datetime:

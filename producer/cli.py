@@ -105,7 +105,8 @@ def cli(ctx: click.Context, database_url: str, broker_url: str, verbose: int) ->
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     base = Settings.from_env()
-    ctx.obj = Context(Settings(database_url=database_url, broker_url=broker_url, cache_dir=base.cache_dir))
+    ctx.obj = Context(Settings(database_url=database_url, broker_url=broker_url, cache_dir=base.cache_dir,
+                               model_roots=base.model_roots))
 
 
 pass_context = click.make_pass_decorator(Context)
@@ -230,12 +231,19 @@ def submit(obj: Context, config: Path, queue: str, wait: bool) -> None:
 @click.option("--visibility-timeout", default=DEFAULT_VISIBILITY_TIMEOUT_S, show_default=True,
               help="Seconds before Redis redelivers an unacknowledged chunk; longer than the slowest chunk.")
 @click.option("--hostname", default=None, help="Worker name (default: host:pid).")
+@click.option("--model-root", "model_roots", multiple=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Load models and adapters only from under this folder (repeatable; env LORA_COMPARE_MODEL_ROOTS).")
 @pass_context
 @_errors
 def worker(obj: Context, device: str, queues: str, max_adapters: int, max_attempts: int,
-           visibility_timeout: int, hostname: str | None) -> None:
+           visibility_timeout: int, hostname: str | None, model_roots: tuple[Path, ...]) -> None:
     """A GPU worker: one Celery process (solo pool) with the model and adapters resident."""
+    from dataclasses import replace
+
     from worker.runner import serve
+
+    if model_roots:
+        obj.settings = replace(obj.settings, model_roots=model_roots)
 
     logging.getLogger().setLevel(min(logging.getLogger().level, logging.INFO))
     serve(obj.sessions(migrate=True), obj.settings, device=device,
@@ -446,11 +454,13 @@ def compare(obj: Context, run_a: int, run_b: int, variant_a: str | None, variant
 @cli.command()
 @click.argument("query")
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True)
+@click.option("--timeout", "timeout_s", type=float, default=60.0, show_default=True,
+              help="Seconds before the query is stopped.")
 @pass_context
 @_errors
-def sql(obj: Context, query: str, fmt: str) -> None:
-    """Run a read-only SQL QUERY (writes are refused) against the results database."""
-    result = run_readonly(obj.settings.database_url, query)
+def sql(obj: Context, query: str, fmt: str, timeout_s: float) -> None:
+    """Run one read-only SQL QUERY against the results database (writes, ATTACH and pragmas are refused)."""
+    result = run_readonly(obj.settings.database_url, query, timeout_s=timeout_s)
     if fmt == "json":
         click.echo(display.to_json(result.records()))
     elif fmt == "csv":

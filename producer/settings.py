@@ -27,6 +27,8 @@ class Settings:
     database_url: str = DEFAULT_DATABASE_URL
     broker_url: str = DEFAULT_BROKER_URL
     cache_dir: Path = Path.home() / ".cache" / "lora-compare"
+    #: Folders a worker may load models and adapters from; empty: anywhere (a trusted single user).
+    model_roots: tuple[Path, ...] = ()
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
@@ -36,6 +38,7 @@ class Settings:
             database_url=env.get("LORA_COMPARE_DATABASE_URL", DEFAULT_DATABASE_URL),
             broker_url=env.get("LORA_COMPARE_BROKER_URL", DEFAULT_BROKER_URL),
             cache_dir=Path(env.get("LORA_COMPARE_CACHE", str(default_cache))),
+            model_roots=tuple(Path(p) for p in env.get("LORA_COMPARE_MODEL_ROOTS", "").split(os.pathsep) if p),
         )
 
     @property

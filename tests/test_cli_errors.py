@@ -168,7 +168,7 @@ def test_unknown_run_and_bad_sql(tmp_path: Path) -> None:
     code, output = _invoke(tmp_path, "results", "42")
     _assert_one_line_error(code, output, "no run with id 42")
     code, output = _invoke(tmp_path, "sql", "DELETE FROM runs")
-    _assert_one_line_error(code, output, "sql:", "readonly")
+    _assert_one_line_error(code, output, "sql:", "read-only")
     code, output = _invoke(tmp_path, "sql", "SELEC nonsense")
     _assert_one_line_error(code, output, "sql:", "syntax error")
     code, output = _invoke(tmp_path, "--database-url", "sqlite:////nonexistent/dir/x.db", "status")

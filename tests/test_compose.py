@@ -128,3 +128,10 @@ def test_dockerfile_installs_like_the_makefile_and_runs_unprivileged() -> None:
     users = [ln for ln in lines if ln.startswith("USER ")]
     assert users and users[-1] not in ("USER root", "USER 0")
     assert 'ENTRYPOINT ["lora-compare"]' in lines
+
+
+@pytest.mark.parametrize("name", ["docker-compose.yml", "docker-compose.worker.yml"])
+def test_workers_load_models_only_from_the_mounted_folder(name: str) -> None:
+    for worker in _workers(load(name, ENV)).values():
+        command = worker["command"]
+        assert command[command.index("--model-root") + 1] == "/data"

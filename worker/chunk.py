@@ -26,7 +26,7 @@ from db.runs import chunk_examples, claim_chunk, complete_chunk, fail_chunk, get
 from producer.config import RunConfig
 
 from .errors import FatalChunkError, RetryableChunkError
-from .generation import GenRow, generate_mixed, generate_separate
+from .generation import GenResult, GenRow, generate_mixed, generate_separate
 from .model_host import ModelHost
 from .prompts import encode_prompts
 from .scoring import score
@@ -101,21 +101,30 @@ def run_chunk(
     )
     ids_of = {i: tuple(ids) for i, ids in zip(needed, token_ids)}
     rows = [GenRow(ids_of[ex.idx], adapters[v.name][0]) for ex, v in todo]
+    # Rows that cannot be generated get their reason; the rest of the chunk goes on.
+    refused = {k: r for k, r in ((k, _unservable(ex, rows[k], host.max_positions, config)) for k, (ex, _v)
+                                 in enumerate(todo)) if r is not None}
+    runnable = [k for k in range(len(rows)) if k not in refused]
 
     if config.generation.do_sample:
         torch.manual_seed(seed)
     started = time.perf_counter()
-    if config.inference.use_peft_directly:
-        results = generate_mixed(
-            host.model, host.tokenizer, rows, config.generation, batch_size=config.inference.batch_size,
+    batch = [rows[k] for k in runnable]
+    if not batch:
+        generated: list[GenResult] = []
+    elif config.inference.use_peft_directly:
+        generated = generate_mixed(
+            host.model, host.tokenizer, batch, config.generation, batch_size=config.inference.batch_size,
             device=host.device,
         )
     else:
-        results = generate_separate(
-            host.peft_model, host.tokenizer, rows, config.generation, batch_size=config.inference.batch_size,
+        generated = generate_separate(
+            host.peft_model, host.tokenizer, batch, config.generation, batch_size=config.inference.batch_size,
             device=host.device, layers_of=host.adapted_layers,
         )
     elapsed = time.perf_counter() - started
+    by_row = dict(zip(runnable, generated))
+    results = [refused[k] if k in refused else by_row[k] for k in range(len(rows))]
 
     records = []
     for (ex, variant), row, result in zip(todo, rows, results):
@@ -135,6 +144,15 @@ def run_chunk(
             )
         )
     return ChunkOutcome(records, elapsed)
+
+
+def _unservable(ex: ChunkExample, row: GenRow, max_positions: int | None, config: RunConfig) -> GenResult | None:
+    """Why a row cannot be generated (an empty prompt, a prompt too long for the model), or None."""
+    if not ex.prompt.strip():
+        return GenResult("", 0, "empty_prompt")
+    if max_positions is not None and len(row.input_ids) + config.generation.max_new_tokens > max_positions:
+        return GenResult("", 0, "prompt_too_long")
+    return None
 
 
 # --- the SQL around it -------------------------------------------------------------------------
@@ -165,6 +183,9 @@ def process_chunk(
         with sessions.begin() as session:
             claim = claim_chunk(session, run_id, chunk_id, worker=worker, max_attempts=max_attempts)
             if claim is None:
+                if get_run(session, run_id) is None:
+                    log.error("rejected a chunk message for run %s, which does not exist", run_id)
+                    return "rejected"
                 return "skipped"
             run = get_run(session, run_id)
             assert run is not None

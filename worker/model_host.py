@@ -91,7 +91,25 @@ class ModelHost:
     def base_folder(self, base: str) -> Path:
         if base == "demo":
             return prepare_demo_model(self.settings.demo_model_dir)
+        self.check_allowed(base, "base model")
         return Path(base)
+
+    def check_allowed(self, path: str, what: str) -> None:
+        """Refuse a folder outside the configured model roots (after resolving `..` and links)."""
+        roots = self.settings.model_roots
+        if not roots:
+            return
+        resolved = Path(path).resolve()
+        if not any(resolved.is_relative_to(root.resolve()) for root in roots):
+            allowed = ", ".join(str(r) for r in roots)
+            raise ModelLoadError(f"{what} {path} is outside the folders this worker loads from ({allowed}); "
+                                 "see --model-root")
+
+    @property
+    def max_positions(self) -> int | None:
+        """The longest sequence (prompt + output) the model takes, when its config says."""
+        value = getattr(self.model.config, "max_position_embeddings", None)
+        return int(value) if isinstance(value, int) and value > 0 else None
 
     def ensure_base(self, base: str, *, dtype: str = "auto", trust_remote_code: bool = False) -> None:
         """Load the base model unless it is the one already resident."""
@@ -154,6 +172,7 @@ class ModelHost:
 
     def ensure_adapter(self, variant: str, folder: str) -> tuple[str, str]:
         """Make the adapter in `folder` resident; returns (PEFT adapter name, adapter hash)."""
+        self.check_allowed(folder, f"adapter '{variant}'")
         try:
             info = inspect_adapter(variant, folder)
         except AdapterError as err:

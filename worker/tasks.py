@@ -55,10 +55,15 @@ def current_context() -> WorkerContext:
     return _context
 
 
-def run_chunk_task(self: Task, run_id: Any = None, chunk_id: Any = None, **extra: Any) -> str:
-    """Process chunk `chunk_id` of run `run_id` (ids only; everything else is in SQL)."""
-    if extra or not _is_id(run_id) or not _is_id(chunk_id):
-        log.error("rejected a malformed chunk message: run_id=%r chunk_id=%r extra=%r", run_id, chunk_id, extra)
+def run_chunk_task(self: Task, *args: Any, **kwargs: Any) -> str:
+    """Process chunk `chunk_id` of run `run_id` (ids only; everything else is in SQL).
+
+    Any other message shape is logged and dropped (acknowledged, so never redelivered).
+    """
+    run_id, chunk_id = kwargs.pop("run_id", None), kwargs.pop("chunk_id", None)
+    if args or kwargs or not _is_id(run_id) or not _is_id(chunk_id):
+        log.error("rejected a malformed chunk message: args=%r run_id=%r chunk_id=%r extra=%r",
+                  args[:4], run_id, chunk_id, sorted(kwargs)[:8])
         return "rejected"
     ctx = current_context()
     try:
