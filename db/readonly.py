@@ -63,6 +63,15 @@ def _one_line(err: BaseException) -> str:
     return " ".join(str(err).split())
 
 
+def _query_error(message: str, timeout_s: float, *, refused: tuple[str, ...], timed_out: str) -> QueryError:
+    """The database's own message, said plainly when it refused a write or stopped a long query."""
+    if any(marker in message for marker in refused):
+        return QueryError(f"{_REFUSED}: {message}")
+    if timed_out in message:
+        return QueryError(f"the query ran past its {timeout_s:g} s limit and was stopped")
+    return QueryError(message)
+
+
 def _sqlite(url: str, query: str, timeout_s: float) -> QueryResult:
     import time
 
@@ -82,12 +91,8 @@ def _sqlite(url: str, query: str, timeout_s: float) -> QueryResult:
         columns = [d[0] for d in cursor.description or []]
         rows = [tuple(r) for r in cursor.fetchall()]
     except (sqlite3.Error, sqlite3.Warning) as err:  # several statements in one call raise ProgrammingError
-        message = _one_line(err)
-        if "not authorized" in message or "authorization denied" in message or "readonly" in message:
-            raise QueryError(f"{_REFUSED}: {message}") from err
-        if "interrupted" in message:
-            raise QueryError(f"the query ran past its {timeout_s:g} s limit and was stopped") from err
-        raise QueryError(message) from err
+        raise _query_error(_one_line(err), timeout_s, refused=("not authorized", "authorization denied", "readonly"),
+                           timed_out="interrupted") from err
     finally:
         conn.rollback()
         conn.close()
@@ -112,13 +117,9 @@ def _postgres(url: str, query: str, timeout_s: float) -> QueryResult:
             rows = [tuple(r) for r in cursor.fetchall()] if cursor.description else []
             conn.rollback()
     except (DBAPIError, psycopg.Error) as err:
-        orig = getattr(err, "orig", None) or err
-        message = _one_line(orig)
-        if "read-only transaction" in message or "permission denied" in message or "must be superuser" in message:
-            raise QueryError(f"{_REFUSED}: {message}") from err
-        if "statement timeout" in message:
-            raise QueryError(f"the query ran past its {timeout_s:g} s limit and was stopped") from err
-        raise QueryError(message) from err
+        message = _one_line(getattr(err, "orig", None) or err)
+        raise _query_error(message, timeout_s, refused=("read-only transaction", "permission denied",
+                                                        "must be superuser"), timed_out="statement timeout") from err
     finally:
         engine.dispose()
     return QueryResult(columns, rows)
