@@ -12,7 +12,6 @@ import sqlite3
 from dataclasses import dataclass
 from typing import Any
 
-import psycopg
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
@@ -100,6 +99,8 @@ def _sqlite(url: str, query: str, timeout_s: float) -> QueryResult:
 
 
 def _postgres(url: str, query: str, timeout_s: float) -> QueryResult:
+    import psycopg  # here, not at import: the CLI starts without it
+
     engine = make_engine(url)
     try:
         with engine.connect() as conn:
