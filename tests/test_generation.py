@@ -84,3 +84,32 @@ def test_a_warm_host_reuses_model_and_adapters(host, test_adapters: dict[str, Pa
     model_host.ensure_base("demo", dtype="float32")
     assert model_host.ensure_adapter("attn", str(test_adapters["attn"]))[0] == names["attn"]
     assert (model_host.stats.base_loads, model_host.stats.adapter_loads) == loads
+
+
+def test_finished_rows_leave_the_batch_without_changing_outputs(host) -> None:  # type: ignore[no-untyped-def]
+    """The decode loop drops rows at EOS or a stop string; the others go on exactly as with
+    transformers' generate, which keeps every row to the end."""
+    import torch
+
+    from worker.decoding import decode
+    from worker.generation import GenRow, _eos_ids, _left_pad
+    from worker.prompts import encode_prompts
+
+    model_host, names = host
+    tokenizer, model = model_host.tokenizer, model_host.model
+    prompts = ["What is 2 plus 3?", "Write a long story about a dragon.", "Say yes.", "List four fruits."]
+    ids = encode_prompts(tokenizer, prompts, system_prompt=None, chat_template=True)
+    adapters = [None, names["attn"], names["mlp"], None]
+    rows = [GenRow(tuple(i), a) for i, a in zip(ids, adapters)]
+    padded, mask = _left_pad(rows, tokenizer.pad_token_id, model_host.device)
+    gen = GenerationConfig(max_new_tokens=30)
+    adapter_names = [a or "__base__" for a in adapters]
+    ours = decode(model, tokenizer, padded, mask, gen, eos_ids=_eos_ids(model, tokenizer), adapter_names=adapter_names)
+    assert len({len(t) for t in ours}) > 1  # rows did finish at different steps
+    with torch.inference_mode():
+        theirs = model.generate(input_ids=padded, attention_mask=mask, max_new_tokens=30, do_sample=False,
+                                temperature=None, top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id,
+                                adapter_names=adapter_names)[:, padded.shape[1]:].tolist()
+    for mine, reference in zip(ours, theirs):
+        assert reference[:len(mine)] == mine
+        assert len(mine) == 30 or mine[-1] in _eos_ids(model, tokenizer)

@@ -1,10 +1,10 @@
 """Batched generation of base and adapter rows on one resident copy of the base weights.
 
 Two strategies, chosen by `inference.use_peft_directly`:
-- mixed (true): rows of every variant share batches; PEFT's `adapter_names` applies each row's
-  adapter (`__base__` for none) inside one forward pass. Rows are sorted by prompt length so a
-  batch holds prompts of similar length (little padding), and the variants of one prompt sit
-  side by side.
+- mixed (true): a batch holds `batch_size` prompts with every variant of each, so one read of the
+  weights serves (adapters + 1) rows per prompt; PEFT's `adapter_names` applies each row's adapter
+  (`__base__` for none) inside the one forward pass. Prompts are sorted by length so a batch holds
+  prompts of similar length (little padding).
 - merged (false): the base rows run with adapters disabled; then each adapter is merged into the
   weights for its own pass and the original weights are copied back exactly afterwards.
 """
@@ -18,9 +18,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
+from transformers import PreTrainedTokenizerBase
 
 from producer.config import GenerationConfig
+
+from .decoding import decode
 
 log = logging.getLogger(__name__)
 
@@ -89,40 +91,6 @@ def finish(
     return GenResult(text, len(tokens), "eos" if ended_by_eos else "length")
 
 
-class StopOnStrings(StoppingCriteria):
-    """Ends a row once its generated text contains a stop string.
-
-    Decodes only the last few tokens of each row per step (a stop string completed at this step
-    lies within them), which costs far less than transformers' own `stop_strings`, whose set-up
-    scans the whole vocabulary on every `generate` call.
-    """
-
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, stops: Sequence[str], prompt_width: int) -> None:
-        self.tokenizer, self.stops, self.prompt_width = tokenizer, list(stops), prompt_width
-        self.window = max(len(s) for s in stops) + 2  # tokens: each holds at least one character
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        # input_ids: [batch, prompt_width + generated so far]
-        start = max(self.prompt_width, input_ids.shape[1] - self.window)
-        tails = self.tokenizer.batch_decode(input_ids[:, start:].tolist(), skip_special_tokens=True)
-        done = [any(stop in tail for stop in self.stops) for tail in tails]
-        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
-
-
-def _generate_kwargs(gen: GenerationConfig, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {
-        "max_new_tokens": gen.max_new_tokens,
-        "do_sample": gen.do_sample,
-        "pad_token_id": tokenizer.pad_token_id,
-    }
-    if gen.do_sample:
-        kwargs.update(temperature=gen.temperature, top_p=gen.top_p)
-    else:  # silence the model's own sampling defaults
-        kwargs.update(temperature=None, top_p=None, top_k=None)
-    return kwargs
-
-
-@torch.inference_mode()
 def _generate_batch(
     model: Any,
     tokenizer: PreTrainedTokenizerBase,
@@ -133,15 +101,21 @@ def _generate_batch(
     device: torch.device,
 ) -> list[GenResult]:
     ids, mask = _left_pad(rows, tokenizer.pad_token_id, device)
-    kwargs = _generate_kwargs(gen, tokenizer)
-    if gen.stop:
-        kwargs["stopping_criteria"] = StoppingCriteriaList([StopOnStrings(tokenizer, gen.stop, ids.shape[1])])
-    if mixed:
-        kwargs["adapter_names"] = [r.adapter or PEFT_BASE for r in rows]
-    out = model.generate(input_ids=ids, attention_mask=mask, **kwargs)  # [batch, width + new]
-    new = out[:, ids.shape[1] :].tolist()
     eos_ids = _eos_ids(model, tokenizer)
+    names = [r.adapter or PEFT_BASE for r in rows] if mixed else None
+    new = decode(model, tokenizer, ids, mask, gen, eos_ids=eos_ids, adapter_names=names)
     return [finish(tokenizer, row, eos_ids=eos_ids, stop=gen.stop) for row in new]
+
+
+def prompt_batches(rows: Sequence[GenRow], prompts_per_batch: int) -> list[list[int]]:
+    """Row indices in batches of `prompts_per_batch` prompts, each with all its rows (variants),
+    longest prompts first."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i in length_order(rows):
+        groups.setdefault(rows[i].input_ids, []).append(i)
+    ordered = list(groups.values())
+    return [[i for group in ordered[start:start + prompts_per_batch] for i in group]
+            for start in range(0, len(ordered), prompts_per_batch)]
 
 
 def generate_mixed(
@@ -153,9 +127,9 @@ def generate_mixed(
     batch_size: int,
     device: torch.device,
 ) -> list[GenResult]:
-    """All rows, base and adapters together, in length-sorted batches of `batch_size` rows."""
+    """All rows, base and adapters together: batches of `batch_size` prompts x their variants."""
     results: list[GenResult | None] = [None] * len(rows)
-    for batch in _batches(length_order(rows), batch_size):
+    for batch in prompt_batches(rows, batch_size):
         for i, result in zip(batch, _generate_batch(model, tokenizer, [rows[i] for i in batch], gen, mixed=True,
                                                        device=device)):
             results[i] = result
