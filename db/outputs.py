@@ -107,3 +107,19 @@ def side_by_side(session: Session, run_id: int) -> list[dict[str, Any]]:
             "output_tokens": tokens,
         }
     return list(records.values())
+
+
+def cached_outputs(session: Session, keys: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """For each cache key already generated (not itself a copy), one such output."""
+    found: dict[str, dict[str, Any]] = {}
+    unique = sorted(set(keys))
+    for start in range(0, len(unique), 500):  # bounded IN lists
+        stmt = (
+            select(Generation.id, Generation.cache_key, Generation.output, Generation.output_tokens,
+                   Generation.finish_reason)
+            .where(Generation.cache_key.in_(unique[start:start + 500]), Generation.reused_from.is_(None))
+            .order_by(Generation.id)
+        )
+        for gid, key, output, tokens, reason in session.execute(stmt):
+            found.setdefault(str(key), {"id": gid, "output": output, "output_tokens": tokens, "finish_reason": reason})
+    return found

@@ -27,6 +27,7 @@ class RunProgress:
     rows_total: int
     rows_done: int
     rows_per_s: float | None
+    rows_reused: int = 0  # outputs copied from earlier runs instead of generated
     failed_chunks: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -65,6 +66,8 @@ def run_progress(session: Session, run_id: int) -> RunProgress | None:
         session.execute(select(Chunk.status, func.count()).where(Chunk.run_id == run_id).group_by(Chunk.status)).all()
     )
     rows_done = session.scalar(select(func.count()).select_from(Generation).where(Generation.run_id == run_id)) or 0
+    reused = session.scalar(select(func.count()).select_from(Generation).where(
+        Generation.run_id == run_id, Generation.reused_from.is_not(None))) or 0
     failed = [
         {"chunk": cid, "attempts": attempts, "error": error}
         for cid, attempts, error in session.execute(
@@ -92,6 +95,7 @@ def run_progress(session: Session, run_id: int) -> RunProgress | None:
         rows_total=run.n_examples * len(variants),
         rows_done=int(rows_done),
         rows_per_s=rate,
+        rows_reused=int(reused),
         failed_chunks=failed,
     )
 

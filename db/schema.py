@@ -130,6 +130,9 @@ class Generation(Base):
     adapter_hash: Mapped[str | None] = mapped_column(String(64))  # null for base rows
     worker: Mapped[str | None] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # sha256 of (base hash, adapter hash, prompt tokens, generation settings); null when sampling
+    cache_key: Mapped[str | None] = mapped_column(String(64), index=True)
+    reused_from: Mapped[int | None] = mapped_column(Integer)  # the generation this output was copied from
 
     __table_args__ = (
         UniqueConstraint("run_id", "example_idx", "variant", name="uq_generations_run_example_variant"),

@@ -92,7 +92,8 @@ def progress_line(p: RunProgress, *, width: int | None = None) -> str:
     rate = f"{p.rows_per_s:.1f} rows/s" if p.rows_per_s else "- rows/s"
     failed = p.chunks.get("failed", 0)
     fail = f"  {failed} failed" if failed else ""
+    reused = f" ({p.rows_reused} reused)" if p.rows_reused else ""
     return (
-        f"run {p.id} {p.status:<9} [{bar}] {p.rows_done}/{p.rows_total} rows  "
+        f"run {p.id} {p.status:<9} [{bar}] {p.rows_done}/{p.rows_total} rows{reused}  "
         f"chunks {p.chunks.get('done', 0)}/{p.chunks_total}{fail}  {rate}  ETA {_duration(p.eta_s)}"
     )

@@ -160,3 +160,39 @@ def test_results_are_queryable_with_sqlite3_and_the_cli(tmp_path: Path, test_ada
     result = runner.invoke(cli, [*url, "results", str(run_id), "--only-diff", "--format", "json"])
     assert all(any(r["variants"][v]["output"] != r["variants"]["base"]["output"] for v in ("attn", "mlp"))
                for r in json.loads(result.output))
+
+
+def test_a_new_adapter_on_an_evaluated_dataset_reuses_every_base_row(tmp_path: Path,
+                                                                    test_adapters: dict[str, Path]) -> None:
+    import time
+
+    write_arith_dataset(tmp_path / "data.jsonl")
+    db = tmp_path / "results.db"
+    runner = CliRunner()
+    timings, ids = [], []
+    for name in ("attn", "mlp"):
+        config = tmp_path / f"{name}.yaml"
+        config.write_text(f"""
+model: {{base: demo, adapters: {{{name}: {test_adapters[name]}}}, dtype: float32}}
+dataset: {{path: data.jsonl, prompt: "What is {{{{ a }}}} plus {{{{ b }}}}?", reference: "{{{{ answer }}}}"}}
+generation: {{max_new_tokens: {MAX_NEW_TOKENS}}}
+scoring: {{match: numeric}}
+""")
+        started = time.perf_counter()
+        result = runner.invoke(cli, ["--database-url", f"sqlite:///{db}", "run", "-q", "--device", "cpu", str(config)])
+        timings.append(time.perf_counter() - started)
+        assert result.exit_code == 0, result.output
+        ids.append(int(result.output.strip().splitlines()[-1]))
+    print(f"first run {timings[0]:.1f} s, second run (base rows from the cache) {timings[1]:.1f} s")
+    with sqlite3.connect(db) as conn:
+        first_base = dict(conn.execute("SELECT example_idx, output FROM generations WHERE run_id = ? AND "
+                                       "variant = 'base'", (ids[0],)).fetchall())
+        second = conn.execute("SELECT example_idx, variant, output, reused_from FROM generations WHERE run_id = ?",
+                              (ids[1],)).fetchall()
+    base_rows = [r for r in second if r[1] == "base"]
+    assert len(base_rows) == len(ARITH_ROWS) and all(r[3] is not None for r in base_rows)
+    assert {r[0]: r[2] for r in base_rows} == first_base
+    assert all(r[3] is None for r in second if r[1] == "mlp")  # a new adapter is generated
+    status = json.loads(runner.invoke(cli, ["--database-url", f"sqlite:///{db}", "status", str(ids[1]),
+                                            "--format", "json"]).output)
+    assert status["rows_reused"] == len(ARITH_ROWS)

@@ -8,11 +8,13 @@ idempotently with the chunk's completion, in one transaction.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -21,9 +23,9 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.outputs import done_pairs, insert_generations
+from db.outputs import cached_outputs, done_pairs, insert_generations
 from db.runs import chunk_examples, claim_chunk, complete_chunk, fail_chunk, get_run, run_variants
-from producer.config import RunConfig
+from producer.config import GenerationConfig, RunConfig
 
 from .errors import FatalChunkError, RetryableChunkError
 from .generation import GenResult, GenRow, generate_mixed, generate_separate
@@ -61,6 +63,22 @@ class OutputRecord:
     finish_reason: str
     base_model_hash: str
     adapter_hash: str | None
+    cache_key: str | None = None
+    reused_from: int | None = None  # the generation this output was copied from
+
+
+#: Looks up cache keys: key -> {"id", "output", "output_tokens", "finish_reason"} of an earlier output.
+CacheLookup = Callable[[list[str]], dict[str, dict[str, Any]]]
+
+
+def cache_key(base_hash: str, adapter_hash: str | None, input_ids: Sequence[int], gen: GenerationConfig) -> str | None:
+    """What determines a greedy output: the weights, the exact prompt tokens and the settings. None
+    when sampling (a sampled output is not reused)."""
+    if gen.do_sample:
+        return None
+    payload = {"base": base_hash, "adapter": adapter_hash, "ids": list(input_ids),
+               "max_new_tokens": gen.max_new_tokens, "stop": list(gen.stop)}
+    return hashlib.sha256(json.dumps(payload, separators=(",", ":")).encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -77,8 +95,10 @@ def run_chunk(
     *,
     skip: frozenset[tuple[int, str]] = frozenset(),
     seed: int = 0,
+    cached: CacheLookup | None = None,
 ) -> ChunkOutcome:
-    """Generate and score every (example, variant) of the chunk not in `skip`."""
+    """Generate and score every (example, variant) of the chunk not in `skip`; outputs that `cached`
+    already knows (same weights, prompt tokens and settings) are reused instead of generated."""
     host.ensure_base(config.model.base, dtype=config.model.dtype, trust_remote_code=config.model.trust_remote_code)
     adapters: dict[str, tuple[str | None, str | None]] = {}  # variant -> (PEFT name, adapter hash)
     for variant in variants:
@@ -104,7 +124,11 @@ def run_chunk(
     # Rows that cannot be generated get their reason; the rest of the chunk goes on.
     refused = {k: r for k, r in ((k, _unservable(ex, rows[k], host.max_positions, config)) for k, (ex, _v)
                                  in enumerate(todo)) if r is not None}
-    runnable = [k for k in range(len(rows)) if k not in refused]
+    keys = [cache_key(host.base_hash, adapters[v.name][1], rows[k].input_ids, config.generation)
+            for k, (_ex, v) in enumerate(todo)]
+    hits = cached([k for k in keys if k]) if cached is not None else {}
+    reused = {k: hits[key] for k, key in enumerate(keys) if key in hits and k not in refused}
+    runnable = [k for k in range(len(rows)) if k not in refused and k not in reused]
 
     if config.generation.do_sample:
         torch.manual_seed(seed)
@@ -123,11 +147,13 @@ def run_chunk(
             device=host.device, layers_of=host.adapted_layers,
         )
     elapsed = time.perf_counter() - started
-    by_row = dict(zip(runnable, generated))
-    results = [refused[k] if k in refused else by_row[k] for k in range(len(rows))]
+    by_row: dict[int, GenResult] = dict(zip(runnable, generated))
+    by_row.update(refused)
+    by_row.update({k: GenResult(h["output"], int(h["output_tokens"]), h["finish_reason"]) for k, h in reused.items()})
+    results = [by_row[k] for k in range(len(rows))]
 
     records = []
-    for (ex, variant), row, result in zip(todo, rows, results):
+    for k, ((ex, variant), row, result) in enumerate(zip(todo, rows, results)):
         scored = score(result.text, ex.reference, config.scoring)
         records.append(
             OutputRecord(
@@ -141,6 +167,8 @@ def run_chunk(
                 finish_reason=result.finish_reason,
                 base_model_hash=host.base_hash,
                 adapter_hash=adapters[variant.name][1],
+                cache_key=keys[k] if k not in refused else None,
+                reused_from=reused[k]["id"] if k in reused else None,
             )
         )
     return ChunkOutcome(records, elapsed)
@@ -205,7 +233,8 @@ def process_chunk(
     try:
         with host.lock:
             outcome = run_chunk(
-                host, config, examples, variants, skip=skip, seed=config.generation.seed * 1_000_003 + chunk_id
+                host, config, examples, variants, skip=skip, seed=config.generation.seed * 1_000_003 + chunk_id,
+                cached=lambda keys: _lookup(sessions, keys),
             )
     except FatalChunkError as err:
         _record_failure(sessions, run_id, chunk_id, str(err), final=True)
@@ -252,6 +281,16 @@ def _write_outputs(
                         run_id, chunk_id, str(err).splitlines()[0], delay)
             time.sleep(delay)
             delay = min(delay * 2, WRITE_RETRY_MAX_DELAY_S)
+
+
+def _lookup(sessions: sessionmaker[Session], keys: list[str]) -> dict[str, dict[str, Any]]:
+    """Earlier outputs for these cache keys; none when the database cannot say (then we generate)."""
+    try:
+        with sessions() as session:
+            return cached_outputs(session, keys)
+    except _TRANSIENT_DB_ERRORS as err:
+        log.warning("generation cache unavailable (%s); generating everything", str(err).splitlines()[0])
+        return {}
 
 
 def _row(run_id: int, chunk_id: int, worker: str, record: OutputRecord) -> dict[str, Any]:
