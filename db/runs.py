@@ -209,21 +209,6 @@ def settle_run(session: Session, run: Run) -> None:
         run.error = None
 
 
-def fail_run(session: Session, run_id: int, error: str) -> None:
-    """Fail a whole run (for example: its config cannot be served at all); open chunks are cancelled."""
-    run = _lock_run(session, run_id)
-    if run is None:
-        return
-    session.execute(
-        update(Chunk)
-        .where(Chunk.run_id == run_id, Chunk.status.in_(["queued", "running"]))
-        .values(status="cancelled", finished_at=utcnow())
-    )
-    run.status = "failed"
-    run.error = error[:MAX_ERROR_CHARS]
-    run.finished_at = utcnow()
-
-
 def cancel_run(session: Session, run_id: int) -> int:
     """Cancel the queued chunks of a run; returns how many. Running chunks finish their work."""
     run = _lock_run(session, run_id)

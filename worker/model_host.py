@@ -67,7 +67,6 @@ class HostStats:
     base_loads: int = 0
     adapter_loads: int = 0
     adapter_evictions: int = 0
-    base_hash: str | None = None
     resident_adapters: list[str] = field(default_factory=list)
 
 
@@ -141,7 +140,6 @@ class ModelHost:
         self._model, self._tokenizer, self._key = model, tokenizer, key
         self.base_hash = files_sha256([folder / "config.json", *weights])
         self.stats.base_loads += 1
-        self.stats.base_hash = self.base_hash
 
     def unload(self) -> None:
         self._model = self._tokenizer = self._key = None
