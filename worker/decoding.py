@@ -8,6 +8,7 @@ PEFT's `adapter_names`, which is narrowed with the batch.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,6 +16,10 @@ import torch
 from transformers import DynamicCache, PreTrainedTokenizerBase
 
 from producer.config import GenerationConfig
+
+# transformers 5.x renames `past_key_values` to `cache` (before 5.40); older releases only know the
+# old name, which we keep so that the whole supported range works, without the warning in every run.
+warnings.filterwarnings("ignore", message=r"`past_key_values` is deprecated", category=FutureWarning)
 
 
 def _sample(logits: torch.Tensor, gen: GenerationConfig) -> torch.Tensor:
