@@ -87,29 +87,63 @@ def test_a_warm_host_reuses_model_and_adapters(host, test_adapters: dict[str, Pa
 
 
 def test_finished_rows_leave_the_batch_without_changing_outputs(host) -> None:  # type: ignore[no-untyped-def]
-    """The decode loop drops rows at EOS or a stop string; the others go on exactly as with
-    transformers' generate, which keeps every row to the end."""
+    """The decode loop drops rows at EOS; the others go on exactly as with transformers' generate,
+    which keeps every row to the end (one batch, mixed adapters, no other optimisation)."""
     import torch
 
-    from worker.decoding import decode
-    from worker.generation import GenRow, _eos_ids, _left_pad
+    from worker.decoding import DecodeOptions, decode_rows
+    from worker.generation import _eos_ids
     from worker.prompts import encode_prompts
 
     model_host, names = host
     tokenizer, model = model_host.tokenizer, model_host.model
     prompts = ["What is 2 plus 3?", "Write a long story about a dragon.", "Say yes.", "List four fruits."]
     ids = encode_prompts(tokenizer, prompts, system_prompt=None, chat_template=True)
-    adapters = [None, names["attn"], names["mlp"], None]
-    rows = [GenRow(tuple(i), a) for i, a in zip(ids, adapters)]
-    padded, mask = _left_pad(rows, tokenizer.pad_token_id, model_host.device)
-    gen = GenerationConfig(max_new_tokens=30)
-    adapter_names = [a or "__base__" for a in adapters]
-    ours = decode(model, tokenizer, padded, mask, gen, eos_ids=_eos_ids(model, tokenizer), adapter_names=adapter_names)
+    adapters = ["__base__", names["attn"], names["mlp"], "__base__"]
+    eos = _eos_ids(model, tokenizer)
+    options = DecodeOptions(capacity=len(ids), refill=False, share_prefix=False, route_lora=False,
+                            last_logits_only=False)
+    ours = decode_rows(model, ids, GenerationConfig(max_new_tokens=30), eos_ids=eos, pad_id=tokenizer.pad_token_id,
+                       device=model_host.device, options=options, adapter_names=adapters)
     assert len({len(t) for t in ours}) > 1  # rows did finish at different steps
+    width = max(len(i) for i in ids)
+    padded = torch.tensor([[tokenizer.pad_token_id] * (width - len(i)) + i for i in ids])
+    mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids])
     with torch.inference_mode():
         theirs = model.generate(input_ids=padded, attention_mask=mask, max_new_tokens=30, do_sample=False,
                                 temperature=None, top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id,
-                                adapter_names=adapter_names)[:, padded.shape[1]:].tolist()
+                                adapter_names=adapters)[:, width:].tolist()
     for mine, reference in zip(ours, theirs):
         assert reference[:len(mine)] == mine
-        assert len(mine) == 30 or mine[-1] in _eos_ids(model, tokenizer)
+        assert len(mine) == 30 or mine[-1] in eos
+
+
+def test_every_optimisation_on_the_demo_model_leaves_outputs_unchanged(host) -> None:  # type: ignore
+    """Refill, the shared prefix, routed LoRA and last-position logits, each alone and together, on
+    the real model with two adapters and a system prompt: the same tokens as with none of them."""
+    from dataclasses import replace
+
+    from worker.decoding import DecodeOptions, common_prefix, decode_rows
+    from worker.generation import _eos_ids
+    from worker.prompts import encode_prompts
+
+    model_host, names = host
+    tokenizer, model = model_host.tokenizer, model_host.model
+    prompts = ["What is 2 plus 3?", "Name a colour.", "Write a haiku about rain.", "What is 17 plus 25?",
+               "Say yes.", "Count to five."]
+    ids = encode_prompts(tokenizer, prompts, system_prompt="You answer briefly.", chat_template=True)
+    assert common_prefix(ids) >= 8
+    rows = [(i, a) for i in ids for a in ("__base__", names["attn"], names["mlp"])]
+    off = DecodeOptions(capacity=6, refill=False, share_prefix=False, route_lora=False, last_logits_only=False)
+
+    def run(options: DecodeOptions) -> list[list[int]]:
+        return decode_rows(model, [i for i, _ in rows], GenerationConfig(max_new_tokens=20),
+                           eos_ids=_eos_ids(model, tokenizer), pad_id=tokenizer.pad_token_id,
+                           device=model_host.device, options=options, adapter_names=[a for _, a in rows])
+
+    reference = run(off)
+    assert len({len(t) for t in reference}) > 1
+    for label, options in [("refill", replace(off, refill=True)), ("prefix", replace(off, share_prefix=True)),
+                           ("routed", replace(off, route_lora=True)),
+                           ("last logits", replace(off, last_logits_only=True)), ("all", DecodeOptions(capacity=6))]:
+        assert run(options) == reference, label

@@ -139,7 +139,7 @@ def run_chunk(
     elif config.inference.use_peft_directly:
         generated = generate_mixed(
             host.model, host.tokenizer, batch, config.generation, batch_size=config.inference.batch_size,
-            device=host.device,
+            device=host.device, variants=len(variants),
         )
     else:
         generated = generate_separate(

@@ -1,12 +1,13 @@
 """Batched generation of base and adapter rows on one resident copy of the base weights.
 
 Two strategies, chosen by `inference.use_peft_directly`:
-- mixed (true): a batch holds `batch_size` prompts with every variant of each, so one read of the
-  weights serves (adapters + 1) rows per prompt; PEFT's `adapter_names` applies each row's adapter
-  (`__base__` for none) inside the one forward pass. Prompts are sorted by length so a batch holds
-  prompts of similar length (little padding).
+- mixed (true): up to `batch_size` prompts with every variant of each are in the batch at once, so
+  one read of the weights serves (adapters + 1) rows per prompt; PEFT's `adapter_names` applies each
+  row's adapter (`__base__` for none) inside the one forward pass.
 - merged (false): the base rows run with adapters disabled; then each adapter is merged into the
-  weights for its own pass and the original weights are copied back exactly afterwards.
+  weights for its own pass (up to `batch_size` rows at once) and the original weights are copied
+  back exactly afterwards.
+Both stream rows through `decoding.decode_rows` (refill, shared prefix, finished rows leave).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -22,7 +23,7 @@ from transformers import PreTrainedTokenizerBase
 
 from producer.config import GenerationConfig
 
-from .decoding import decode
+from .decoding import DecodeOptions, decode_rows
 
 log = logging.getLogger(__name__)
 
@@ -43,27 +44,6 @@ class GenResult:
     text: str
     output_tokens: int
     finish_reason: str  # eos | stop | length
-
-
-def _batches(order: Sequence[int], size: int) -> Iterator[list[int]]:
-    for start in range(0, len(order), size):
-        yield list(order[start : start + size])
-
-
-def length_order(rows: Sequence[GenRow]) -> list[int]:
-    """Row indices, longest prompt first (stable), so each batch has prompts of similar length."""
-    return sorted(range(len(rows)), key=lambda i: -len(rows[i].input_ids))
-
-
-def _left_pad(rows: Sequence[GenRow], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r.input_ids) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # [batch, width]
-    mask = torch.zeros((len(rows), width), dtype=torch.long)  # [batch, width], 1 = real token
-    for i, row in enumerate(rows):
-        n = len(row.input_ids)
-        ids[i, width - n :] = torch.tensor(row.input_ids, dtype=torch.long)
-        mask[i, width - n :] = 1
-    return ids.to(device), mask.to(device)
 
 
 def _eos_ids(model: Any, tokenizer: PreTrainedTokenizerBase) -> set[int]:
@@ -91,31 +71,23 @@ def finish(
     return GenResult(text, len(tokens), "eos" if ended_by_eos else "length")
 
 
-def _generate_batch(
+def _generate(
     model: Any,
     tokenizer: PreTrainedTokenizerBase,
     rows: Sequence[GenRow],
     gen: GenerationConfig,
     *,
     mixed: bool,
+    capacity: int,
     device: torch.device,
+    options: DecodeOptions | None = None,
 ) -> list[GenResult]:
-    ids, mask = _left_pad(rows, tokenizer.pad_token_id, device)
     eos_ids = _eos_ids(model, tokenizer)
     names = [r.adapter or PEFT_BASE for r in rows] if mixed else None
-    new = decode(model, tokenizer, ids, mask, gen, eos_ids=eos_ids, adapter_names=names)
+    chosen = replace(options, capacity=capacity) if options is not None else DecodeOptions(capacity=capacity)
+    new = decode_rows(model, [r.input_ids for r in rows], gen, eos_ids=eos_ids, pad_id=tokenizer.pad_token_id,
+                      device=device, options=chosen, adapter_names=names, tokenizer=tokenizer)
     return [finish(tokenizer, row, eos_ids=eos_ids, stop=gen.stop) for row in new]
-
-
-def prompt_batches(rows: Sequence[GenRow], prompts_per_batch: int) -> list[list[int]]:
-    """Row indices in batches of `prompts_per_batch` prompts, each with all its rows (variants),
-    longest prompts first."""
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for i in length_order(rows):
-        groups.setdefault(rows[i].input_ids, []).append(i)
-    ordered = list(groups.values())
-    return [[i for group in ordered[start:start + prompts_per_batch] for i in group]
-            for start in range(0, len(ordered), prompts_per_batch)]
 
 
 def generate_mixed(
@@ -126,14 +98,15 @@ def generate_mixed(
     *,
     batch_size: int,
     device: torch.device,
+    variants: int | None = None,
+    options: DecodeOptions | None = None,
 ) -> list[GenResult]:
-    """All rows, base and adapters together: batches of `batch_size` prompts x their variants."""
-    results: list[GenResult | None] = [None] * len(rows)
-    for batch in prompt_batches(rows, batch_size):
-        for i, result in zip(batch, _generate_batch(model, tokenizer, [rows[i] for i in batch], gen, mixed=True,
-                                                       device=device)):
-            results[i] = result
-    return [r for r in results if r is not None]
+    """All rows, base and adapters together: up to `batch_size` prompts' worth of rows, each prompt
+    with all its `variants` (default: the distinct adapters among `rows`), in the batch at once. A
+    run whose base rows come from the cache thus still fills the batch with adapter rows."""
+    variants = variants or len({r.adapter for r in rows}) or 1
+    return _generate(model, tokenizer, rows, gen, mixed=True, capacity=batch_size * variants, device=device,
+                     options=options)
 
 
 @contextmanager
@@ -159,6 +132,7 @@ def generate_separate(
     batch_size: int,
     device: torch.device,
     layers_of: Any,
+    options: DecodeOptions | None = None,
 ) -> list[GenResult]:
     """One pass per variant: base with adapters disabled, then each adapter merged in turn.
 
@@ -169,16 +143,14 @@ def generate_separate(
     for i, row in enumerate(rows):
         by_variant.setdefault(row.adapter, []).append(i)
     for adapter, indices in by_variant.items():
-        ordered = sorted(indices, key=lambda i: -len(rows[i].input_ids))
         if adapter is None:
             context: Any = peft_model.disable_adapter()
         else:
             peft_model.set_adapter(adapter)  # layers this adapter does not touch then add nothing
             context = merged(layers_of(adapter), adapter)
         with context:
-            for batch in _batches(ordered, batch_size):
-                outs = _generate_batch(peft_model, tokenizer, [rows[i] for i in batch], gen, mixed=False,
-                                       device=device)
-                for i, result in zip(batch, outs):
-                    results[i] = result
+            outs = _generate(peft_model, tokenizer, [rows[i] for i in indices], gen, mixed=False,
+                             capacity=batch_size, device=device, options=options)
+        for i, result in zip(indices, outs):
+            results[i] = result
     return [r for r in results if r is not None]

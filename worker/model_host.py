@@ -25,6 +25,7 @@ from producer.adapters import files_sha256, inspect_adapter
 from producer.errors import AdapterError
 from producer.settings import Settings
 
+from . import lora_routing
 from .demo_model import prepare_demo_model
 from .errors import ModelLoadError
 
@@ -198,6 +199,7 @@ class ModelHost:
         self._adapters[digest] = name
         self.stats.adapter_loads += 1
         self._evict()
+        lora_routing.install(self._model)  # after every load: an adapter may wrap new layers
         self.stats.resident_adapters = list(self._adapters.values())
         return name, digest
 

@@ -1,0 +1,141 @@
+"""The decode engine's optimisations leave greedy float32 outputs unchanged.
+
+On a tiny random-weight Llama with two random LoRA adapters (seconds on CPU), every optimisation is
+switched on alone and all together, and compared with each prompt generated alone by plain
+transformers + PEFT. Prompts share a prefix and differ in length; a fifth of the vocabulary counts
+as EOS, so rows end at different steps and the batch refills. The demo-model versions of these
+checks are in test_generation.py and test_pipeline.py.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+from typing import Any
+
+import pytest
+import torch
+
+from producer.config import GenerationConfig
+from worker import lora_routing
+from worker.decoding import DecodeOptions, common_prefix, decode_rows
+
+VOCAB = 256
+EOS = set(range(3, 3 + VOCAB // 5))
+NEW_TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def tiny() -> dict[str, Any]:
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256, pad_token_id=0,
+                         eos_token_id=None, bos_token_id=1)
+    model = LlamaForCausalLM(config).eval()
+    peft = None
+    for i, (rank, targets) in enumerate([(4, ["q_proj", "v_proj"]), (8, ["gate_proj", "up_proj", "down_proj"])]):
+        lora = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, init_lora_weights=False,
+                          lora_dropout=0.0, task_type="CAUSAL_LM")
+        torch.manual_seed(10 + i)
+        if peft is None:
+            peft = get_peft_model(model, lora, adapter_name=f"ad{i}")
+        else:
+            peft.add_adapter(f"ad{i}", lora)
+    assert peft is not None
+    peft.eval()
+    assert lora_routing.install(peft)
+    rng = random.Random(1)
+    prefix = [rng.randrange(VOCAB // 5 + 3, VOCAB) for _ in range(10)]
+    prompts = [prefix + [rng.randrange(VOCAB // 5 + 3, VOCAB) for _ in range(rng.randrange(1, 9))]
+               for _ in range(9)]
+    rows = [(p, name) for p in prompts for name in ("__base__", "ad0", "ad1")]
+
+    def alone(ids: list[int], name: str) -> list[int]:
+        inputs = torch.tensor([ids])
+        kwargs = dict(max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0, eos_token_id=sorted(EOS))
+        with torch.inference_mode():
+            if name == "__base__":
+                with peft.disable_adapter():
+                    out = peft.generate(input_ids=inputs, **kwargs)
+            else:
+                peft.set_adapter(name)
+                out = peft.generate(input_ids=inputs, **kwargs)
+        new = out[0, len(ids):].tolist()
+        cut = next((i + 1 for i, t in enumerate(new) if t in EOS), len(new))  # generate pads after EOS
+        return new[:cut]
+
+    return {"model": peft, "rows": rows, "reference": [alone(p, n) for p, n in rows]}
+
+
+ALL_OFF = DecodeOptions(capacity=6, refill=False, share_prefix=False, route_lora=False, last_logits_only=False)
+VARIANTS = {
+    "none": ALL_OFF,
+    "refill": replace(ALL_OFF, refill=True),
+    "shared prefix": replace(ALL_OFF, share_prefix=True),
+    "routed LoRA": replace(ALL_OFF, route_lora=True),
+    "last logits only": replace(ALL_OFF, last_logits_only=True),
+    "all": DecodeOptions(capacity=6),
+    "all, one row at a time": DecodeOptions(capacity=1),
+    "all, everything in one batch": DecodeOptions(capacity=100),
+}
+
+
+@pytest.mark.parametrize("label", list(VARIANTS))
+def test_each_optimisation_leaves_outputs_equal_to_single_prompt_generation(tiny: dict[str, Any], label: str) -> None:
+    rows = tiny["rows"]
+    got = decode_rows(tiny["model"], [p for p, _ in rows], GenerationConfig(max_new_tokens=NEW_TOKENS), eos_ids=EOS,
+                      pad_id=0, device=torch.device("cpu"), options=VARIANTS[label],
+                      adapter_names=[n for _, n in rows])
+    assert got == tiny["reference"]
+
+
+def test_the_rows_really_differ(tiny: dict[str, Any]) -> None:
+    """Otherwise the equalities above prove little: adapters change outputs, rows end at different steps."""
+    reference = tiny["reference"]
+    assert len({len(r) for r in reference}) > 3
+    assert sum(reference[i] != reference[i + 1] for i in range(0, len(reference), 3)) >= 5
+
+
+def test_a_batch_without_adapters_and_with_sampling_runs(tiny: dict[str, Any]) -> None:
+    prompts = [p for p, n in tiny["rows"] if n == "__base__"]
+    with tiny["model"].disable_adapter():
+        greedy = decode_rows(tiny["model"], prompts, GenerationConfig(max_new_tokens=NEW_TOKENS), eos_ids=EOS,
+                             pad_id=0, device=torch.device("cpu"), options=DecodeOptions(capacity=4))
+        torch.manual_seed(0)
+        sampled = decode_rows(tiny["model"], prompts, GenerationConfig(max_new_tokens=NEW_TOKENS, do_sample=True,
+                                                                       temperature=0.8, top_p=0.9),
+                              eos_ids=EOS, pad_id=0, device=torch.device("cpu"), options=DecodeOptions(capacity=4))
+    assert greedy == [r for r, (_, n) in zip(tiny["reference"], tiny["rows"]) if n == "__base__"]
+    assert all(1 <= len(s) <= NEW_TOKENS for s in sampled)
+
+
+def test_common_prefix_leaves_every_prompt_a_token() -> None:
+    assert common_prefix([[1, 2, 3, 4], [1, 2, 3, 5]]) == 3
+    assert common_prefix([[1, 2, 3], [1, 2, 3, 4]]) == 2
+    assert common_prefix([[1, 2, 3]]) == 2
+    assert common_prefix([[1, 2], [3, 4]]) == 0
+    assert common_prefix([]) == 0
+
+
+def test_segments_are_runs_of_one_adapter() -> None:
+    assert lora_routing.segments(["a", "a", "b", "__base__", "__base__"]) == (
+        ("a", 0, 2), ("b", 2, 3), ("__base__", 3, 5))
+    assert lora_routing.segments(["a", "b", "a"]) == (("a", 0, 1), ("b", 1, 2), ("a", 2, 3))
+    assert lora_routing.segments([]) == ()
+
+
+def test_layers_outside_a_route_behave_as_peft(tiny: dict[str, Any]) -> None:
+    """Routing changes nothing outside `route`: the active-adapter path still gives PEFT's result."""
+    model = tiny["model"]
+    ids = torch.tensor([tiny["rows"][0][0]])
+    model.set_adapter("ad1")
+    with torch.inference_mode():
+        routed = model(input_ids=ids).logits
+        with lora_routing.route(["ad1"]):
+            inside = model(input_ids=ids).logits
+        plain = model(input_ids=ids, adapter_names=["ad1"]).logits
+    assert torch.equal(routed, plain) and torch.equal(inside, plain)
+
