@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import logging
-import time
+import threading
 from collections.abc import Callable, Sequence
 
+from celery import Celery
 from celery.contrib.testing.worker import start_worker
+from celery.signals import task_postrun
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.progress import RunProgress, run_progress
 from db.runs import chunk_ids
-from producer.queue import DEFAULT_MAX_ATTEMPTS, DEFAULT_QUEUE, DEFAULT_VISIBILITY_TIMEOUT_S, enqueue_chunks
+from producer.queue import DEFAULT_MAX_ATTEMPTS, DEFAULT_QUEUE, DEFAULT_VISIBILITY_TIMEOUT_S, TASK_NAME, enqueue_chunks
 from producer.settings import Settings
 
 from .app import create_app
@@ -22,8 +24,12 @@ log = logging.getLogger(__name__)
 
 #: Run states after which nothing more happens.
 FINAL_STATES = ("completed", "failed", "cancelled")
-#: Seconds between progress polls in embedded mode.
+#: Seconds between progress polls in embedded mode (the end of a chunk also ends the wait).
 POLL_S = 0.5
+#: Seconds between polls of the in-memory queue by the embedded worker.
+MEMORY_POLL_S = 0.01
+#: The no-op task that wakes the embedded worker's consumer loop when the run is over.
+WAKE_TASK = "lora_compare.wake"
 
 
 def run_embedded(
@@ -39,21 +45,53 @@ def run_embedded(
     over Celery's in-memory transport; returns the final progress."""
     host = host or ModelHost(settings, device=device)
     app = create_app("memory://localhost/")
+    # kombu's in-memory queue is polled (1 s by default): poll it often, it is only a deque.
+    app.conf.broker_transport_options = {**app.conf.broker_transport_options, "polling_interval": MEMORY_POLL_S}
+    app.task(name=WAKE_TASK)(_wake)
     configure(WorkerContext(sessions=sessions, host=host, name=f"embedded:{default_worker_name()}"))
-    with start_worker(app, pool="solo", concurrency=1, perform_ping_check=False, shutdown_timeout=600,
-                      loglevel="WARNING", queues=[DEFAULT_QUEUE]):
-        with sessions.begin() as session:
-            queued = chunk_ids(session, run_id, ["queued"])
-        enqueue_chunks(app, run_id, queued)
-        while True:
-            with sessions() as session:
-                progress = run_progress(session, run_id)
-            assert progress is not None
-            if on_progress is not None:
-                on_progress(progress)
-            if progress.status in FINAL_STATES:
-                return progress
-            time.sleep(POLL_S)
+    finished = threading.Event()
+
+    def chunk_ended(sender: object = None, **_: object) -> None:
+        if getattr(sender, "name", None) == TASK_NAME:
+            finished.set()
+
+    task_postrun.connect(chunk_ended, weak=False)
+    try:
+        with start_worker(app, pool="solo", concurrency=1, perform_ping_check=False, shutdown_timeout=600,
+                          loglevel="WARNING", queues=[DEFAULT_QUEUE]):
+            with sessions.begin() as session:
+                queued = chunk_ids(session, run_id, ["queued"])
+            enqueue_chunks(app, run_id, queued)
+            try:
+                while True:
+                    with sessions() as session:
+                        progress = run_progress(session, run_id)
+                    assert progress is not None
+                    if on_progress is not None:
+                        on_progress(progress)
+                    if progress.status in FINAL_STATES:
+                        return progress
+                    finished.wait(POLL_S)  # a chunk's end wakes us at once
+                    finished.clear()
+            finally:
+                _stop_soon(app)
+    finally:
+        task_postrun.disconnect(chunk_ended)
+
+
+def _wake() -> None:
+    """Does nothing: its message makes the worker's consumer loop turn, so that it sees the stop."""
+
+
+def _stop_soon(app: Celery) -> None:
+    """Ask the in-process worker to stop, and wake its consumer loop so that leaving `start_worker`
+    does not wait for it. The loop waits up to 2 s for a message before it looks at the stop flag,
+    and waits once more after seeing it (Celery's synloop runs a cycle in a `finally`): two wakes."""
+    from celery.worker import state
+
+    state.should_terminate = 0
+    for _ in range(2):
+        app.send_task(WAKE_TASK, queue=DEFAULT_QUEUE)
 
 
 def serve(
