@@ -1,0 +1,34 @@
+"""The benchmark script's GPU mode (random-weight Llama shapes, fixed output length) runs on CPU
+with a tiny shape, so it is ready for a lent GPU (`--device cuda --shape 1b --shape 8b`)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.slow
+
+
+def test_the_gpu_mode_runs_on_cpu_with_a_tiny_shape() -> None:
+    done = subprocess.run(
+        [sys.executable, str(REPO / "bench/compare_strategies.py"), "--shape", "tiny", "--prompts", "6",
+         "--new-tokens", "6", "--adapters", "1", "3", "--bandwidth-gbs", "100", "--repeat", "1"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    assert "random-weight Llama tiny, float32, fixed output length" in out
+    for k, rows in ((1, 12), (3, 24)):
+        assert f"{k} adapter(s): 6 prompts x {k + 1} variants = {rows} rows" in out
+    lines = {m.group(1): m.group(0) for m in re.finditer(r"^(base|a|b|c) .*$", out, re.MULTILINE)}
+    assert set(lines) == {"base", "a", "b", "c"}
+    # float32 on CPU: lora-compare's engine gives exactly (b)'s tokens, and every row is the fixed length
+    assert re.search(r"^c\s+\S+\s+\S+\s+\S+\s+\S+\s+100\.0%", out, re.MULTILINE), out
+    assert "bandwidth floor" in out and "(c) decode:" in out
+    assert "embedded mode" not in out  # that part runs on the demo model only
