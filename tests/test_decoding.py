@@ -139,3 +139,34 @@ def test_layers_outside_a_route_behave_as_peft(tiny: dict[str, Any]) -> None:
         plain = model(input_ids=ids, adapter_names=["ad1"]).logits
     assert torch.equal(routed, plain) and torch.equal(inside, plain)
 
+
+
+def test_a_model_with_a_lora_variant_runs_one_pass_per_variant() -> None:
+    """PEFT refuses to mix DoRA (a LoRA variant) with other rows in one batch, and routing does not
+    handle it: `install` says so, and decoding runs a pass per variant instead, with the same
+    tokens as each prompt alone."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(3)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1, vocab_size=VOCAB,
+                                         pad_token_id=0, eos_token_id=None, bos_token_id=1)).eval()
+    dora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=True,
+                      init_lora_weights=False, task_type="CAUSAL_LM")
+    peft = get_peft_model(model, dora, adapter_name="d").eval()
+    assert not lora_routing.install(peft) and lora_routing.has_variant(peft)
+    prompts = [[40, 41, 42, 43, 50 + i] for i in range(3)]
+    names = ["__base__", "d", "d"]
+    got = decode_rows(peft, prompts, GenerationConfig(max_new_tokens=5), eos_ids=set(), pad_id=0,
+                      device=torch.device("cpu"), options=DecodeOptions(capacity=4), adapter_names=names)
+    with torch.inference_mode():
+        for ids, name, tokens in zip(prompts, names, got):
+            kwargs = dict(input_ids=torch.tensor([ids]), max_new_tokens=5, do_sample=False, pad_token_id=0)
+            if name == "__base__":
+                with peft.disable_adapter():
+                    alone = peft.generate(**kwargs)
+            else:
+                peft.set_adapter(name)
+                alone = peft.generate(**kwargs)
+            assert alone[0, len(ids):].tolist() == tokens

@@ -22,7 +22,8 @@ from __future__ import annotations
 import inspect
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -217,6 +218,10 @@ def decode_rows(
     if not prompts:
         return tokens
     names = list(adapter_names) if adapter_names is not None else None
+    if names is not None and not (options.route_lora and lora_routing.routable(model)) \
+            and lora_routing.has_variant(model):
+        return _pass_per_variant(model, prompts, gen, names, eos_ids=eos_ids, pad_id=pad_id, device=device,
+                                 options=options, tokenizer=tokenizer)
     extra: dict[str, Any] = {"route": options.route_lora}  # for every forward pass
     if options.last_logits_only:
         extra.update(_last_logits_kwargs(model))
@@ -260,6 +265,29 @@ def decode_rows(
         batch.keep(keep)
         batch.step(model, torch.tensor([[tokens[row][-1]] for row in batch.rows], device=device),
                    options.route_lora)
+    return tokens
+
+
+def _pass_per_variant(model: Any, prompts: Sequence[Sequence[int]], gen: GenerationConfig, names: list[str], *,
+                      eos_ids: set[int], pad_id: int, device: torch.device, options: DecodeOptions,
+                      tokenizer: Any) -> list[list[int]]:
+    """One pass per variant (adapters disabled for the base rows, else that adapter active), for a
+    model whose adapters cannot share a batch; each pass keeps its share of the capacity."""
+    variants = sorted(set(names))
+    per_pass = replace(options, capacity=max(1, options.capacity // len(variants)))
+    tokens: list[list[int]] = [[] for _ in prompts]
+    for variant in variants:
+        rows = [i for i, name in enumerate(names) if name == variant]
+        if variant == lora_routing.BASE:
+            context: Any = model.disable_adapter()
+        else:
+            model.set_adapter(variant)
+            context = nullcontext()
+        with context:
+            done = decode_rows(model, [prompts[i] for i in rows], gen, eos_ids=eos_ids, pad_id=pad_id, device=device,
+                               options=per_pass, tokenizer=tokenizer)
+        for i, new in zip(rows, done):
+            tokens[i] = new
     return tokens
 
 

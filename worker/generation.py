@@ -23,12 +23,13 @@ from transformers import PreTrainedTokenizerBase
 
 from producer.config import GenerationConfig
 
+from . import lora_routing
 from .decoding import DecodeOptions, decode_rows
 
 log = logging.getLogger(__name__)
 
 #: PEFT's name for "no adapter" in a mixed batch.
-PEFT_BASE = "__base__"
+PEFT_BASE = lora_routing.BASE
 
 
 @dataclass(frozen=True)

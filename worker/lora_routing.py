@@ -31,6 +31,9 @@ _ROUTE: ContextVar[tuple[tuple[str, int, int], ...] | None] = ContextVar("lora_r
 
 _FLAG = "_lora_compare_routable"
 
+#: PEFT's name for "no adapter" in a mixed batch.
+BASE = "__base__"
+
 
 def _routed_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     segments = _ROUTE.get()
@@ -67,6 +70,15 @@ def install(model: Any) -> bool:
 
 def routable(model: Any) -> bool:
     return bool(getattr(model, _FLAG, False))
+
+
+def has_variant(model: Any) -> bool:
+    """Whether an adapter of `model` uses a LoRA variant (DoRA...), which PEFT refuses to mix with
+    other adapters in one batch."""
+    from peft.tuners.lora import LoraLayer
+
+    return any(getattr(m, "lora_variant", {}) or any(getattr(m, "use_dora", {}).values())
+               for m in model.modules() if isinstance(m, LoraLayer))
 
 
 def segments(names: Sequence[str]) -> tuple[tuple[str, int, int], ...]:
