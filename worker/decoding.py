@@ -11,10 +11,12 @@ What it does that `transformers.generate` over fixed batches does not (each can 
 - similar lengths: rows are admitted longest prompt first, so each prefill pads little;
 - logits for the last position only: the prefill never builds a [rows, tokens, vocab] tensor.
 
-Base and adapter rows share the batch through PEFT's `adapter_names` (narrowed with the batch).
-KV layout: every row's cache is left-aligned to one column index per absolute cache position; a
-row's padding (before its prompt, and between the shared prefix and the rest of its prompt) is
-masked out, and its position ids count only its real tokens.
+Base and adapter rows share the batch: each adapter's rows are one contiguous range, routed in
+the LoRA layers (`lora_routing`), or PEFT's `adapter_names` where routing does not apply; a model
+with a LoRA variant PEFT cannot mix (DoRA) runs one pass per variant instead.
+KV layout: all rows share one column index per cache position and end at the newest column (rows
+admitted later are padded on the left); a row's padding (before its prompt, and between the shared
+prefix and the rest of its prompt) is masked out, and its position ids count only its real tokens.
 """
 
 from __future__ import annotations
