@@ -88,21 +88,14 @@ def _last_logits_kwargs(model: Any) -> dict[str, int]:
     return {"logits_to_keep": 1} if "logits_to_keep" in params else {}
 
 
-class _Fresh:
-    """Rows just prefilled: their own KV cache, mask, next positions, adapter names and logits."""
+class _Batch:
+    """Rows with their KV cache, attention mask, next position, adapter names and next-token logits:
+    the rows in flight, or rows just prefilled, about to join them."""
 
     def __init__(self, rows: list[int], cache: DynamicCache, mask: torch.Tensor, next_pos: torch.Tensor,
                  names: list[str] | None, logits: torch.Tensor) -> None:
         self.rows, self.cache, self.mask, self.next_pos, self.names, self.logits = (
             rows, cache, mask, next_pos, names, logits)
-
-
-class _Batch:
-    """The rows in flight: their KV cache, attention mask, next position, adapter names and logits."""
-
-    def __init__(self, fresh: _Fresh) -> None:
-        self.rows, self.cache, self.mask, self.next_pos, self.names, self.logits = (
-            list(fresh.rows), fresh.cache, fresh.mask, fresh.next_pos, fresh.names, fresh.logits)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -130,7 +123,7 @@ class _Batch:
             names = self.names
             self.keep(sorted(range(len(names)), key=lambda s: names[s]))
 
-    def absorb(self, fresh: _Fresh) -> None:
+    def absorb(self, fresh: _Batch) -> None:
         """Append the rows of `fresh`, the shorter cache padded on the left."""
         width = max(self.mask.shape[1], fresh.mask.shape[1])
         self.rows += fresh.rows
@@ -245,7 +238,7 @@ def decode_rows(
             admitted, waiting = waiting[:free], waiting[free:]
             fresh = _prefill(model, prompts, admitted, names, prefix, pad_id, device, extra)
             if batch is None:
-                batch = _Batch(fresh)
+                batch = fresh
             else:
                 batch.absorb(fresh)
             batch.group()
@@ -294,7 +287,7 @@ def _pass_per_variant(model: Any, prompts: Sequence[Sequence[int]], gen: Generat
 
 
 def _prefill(model: Any, prompts: Sequence[Sequence[int]], rows: list[int], names: list[str] | None,
-             prefix: _Prefix | None, pad_id: int, device: torch.device, extra: dict[str, Any]) -> _Fresh:
+             prefix: _Prefix | None, pad_id: int, device: torch.device, extra: dict[str, Any]) -> _Batch:
     """Run the prompts of `rows` (after the shared prefix, whose KV entries are copied in) as one
     left-padded batch; return them as a batch with their next-token logits."""
     if names is not None:
@@ -317,4 +310,4 @@ def _prefill(model: Any, prompts: Sequence[Sequence[int]], rows: list[int], name
         cache, mask = DynamicCache(), tail_mask
     out = _forward(model, row_names, input_ids=ids, attention_mask=mask, position_ids=positions,
                    past_key_values=cache, use_cache=True, **extra)
-    return _Fresh(list(rows), cache, mask, positions[:, -1] + 1, row_names, out.logits[:, -1, :])
+    return _Batch(list(rows), cache, mask, positions[:, -1] + 1, row_names, out.logits[:, -1, :])

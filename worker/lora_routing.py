@@ -57,9 +57,7 @@ def install(model: Any) -> bool:
     from peft.tuners.lora import LoraLayer
 
     layers: list[Any] = [m for m in model.modules() if isinstance(m, LoraLayer)]
-    routable = bool(layers) and all(
-        type(m) is LoraLinear and not getattr(m, "lora_variant", {}) and not any(getattr(m, "use_dora", {}).values())
-        for m in layers)
+    routable = bool(layers) and all(type(m) is LoraLinear and not _uses_variant(m) for m in layers)
     if routable:
         for layer in layers:
             if "forward" not in vars(layer):
@@ -77,8 +75,13 @@ def has_variant(model: Any) -> bool:
     other adapters in one batch."""
     from peft.tuners.lora import LoraLayer
 
-    return any(getattr(m, "lora_variant", {}) or any(getattr(m, "use_dora", {}).values())
-               for m in model.modules() if isinstance(m, LoraLayer))
+    return any(_uses_variant(m) for m in model.modules() if isinstance(m, LoraLayer))
+
+
+def _uses_variant(layer: Any) -> bool:
+    """Whether an adapter of this LoRA layer is a variant (`lora_variant` in recent PEFT, `use_dora`
+    in older releases)."""
+    return bool(getattr(layer, "lora_variant", {})) or any(getattr(layer, "use_dora", {}).values())
 
 
 def segments(names: Sequence[str]) -> tuple[tuple[str, int, int], ...]:
