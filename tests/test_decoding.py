@@ -170,3 +170,92 @@ def test_a_model_with_a_lora_variant_runs_one_pass_per_variant() -> None:
                 peft.set_adapter(name)
                 alone = peft.generate(**kwargs)
             assert alone[0, len(ids):].tolist() == tokens
+
+
+def test_the_cache_kept_in_place_hands_attention_what_a_concatenated_cache_would(monkeypatch: Any) -> None:
+    """`_RowsLayer` writes steps, finished rows, trims and joining rows in place (moving or growing its
+    buffer when it runs out of room); whatever it does, attention must see exactly the keys and values
+    of a plain cache that concatenates, pads on the left and indexes, with the shared prefix in front."""
+    from worker import decoding
+
+    monkeypatch.setattr(decoding._RowsLayer, "SPARE", 1)  # out of room often: every move and growth path runs
+    rng = random.Random(3)
+    gen = torch.Generator().manual_seed(3)
+    heads, dim, plen = 2, 4, 3
+    prefix = (torch.randn(3, heads, plen, dim, generator=gen), torch.randn(3, heads, plen, dim, generator=gen))
+
+    def whole(own: torch.Tensor, pick: list[int], which: int) -> torch.Tensor:
+        return torch.cat([prefix[which][torch.tensor(pick, dtype=torch.long)], own], dim=2)
+
+    def pad_left(t: torch.Tensor, width: int) -> torch.Tensor:
+        return torch.cat([t.new_zeros(t.shape[0], heads, width - t.shape[2], dim), t], dim=2)
+
+    for case in range(20):
+        rows = rng.randrange(1, 5)
+        pick = [rng.randrange(3) for _ in range(rows)]
+        layer = decoding._RowsLayer(prefix if case % 2 else None, pick, reserve=rng.randrange(rows, 9))
+        first = (torch.randn(rows, heads, rng.randrange(1, 6), dim, generator=gen),) * 2
+        ref_k, ref_v = first[0], first[0] * 2
+        layer.update(ref_k, ref_v)
+        for _ in range(25):
+            op = rng.choice(["step", "step", "select", "trim", "join"])
+            if op == "select" and ref_k.shape[0] > 1:
+                idx = sorted(rng.sample(range(ref_k.shape[0]), rng.randrange(1, ref_k.shape[0] + 1)))
+                rng.shuffle(idx)
+                index = torch.tensor(idx)
+                layer.batch_select_indices(index)
+                ref_k, ref_v, pick = ref_k[index], ref_v[index], [pick[i] for i in idx]
+            elif op == "trim" and ref_k.shape[2] > 1:
+                cut = rng.randrange(1, ref_k.shape[2])
+                layer.trim(cut)
+                ref_k, ref_v = ref_k[:, :, cut:], ref_v[:, :, cut:]
+            elif op == "join" and ref_k.shape[0] < 8:
+                joining = rng.randrange(1, 9 - ref_k.shape[0])
+                more = [rng.randrange(3) for _ in range(joining)]
+                k = torch.randn(joining, heads, rng.randrange(1, 8), dim, generator=gen)
+                layer.open(more, k.shape[2])
+                got_k, got_v = layer.update(k, k * 2)
+                expect_k = whole(k, more, 0) if layer.prefix is not None else k
+                assert torch.equal(got_k, expect_k) and torch.equal(got_v, expect_k * 2 if layer.prefix is None
+                                                                     else whole(k * 2, more, 1))
+                assert layer.get_seq_length() == layer.plen + k.shape[2]
+                layer.commit()
+                width = max(ref_k.shape[2], k.shape[2])
+                ref_k = torch.cat([pad_left(ref_k, width), pad_left(k, width)])
+                ref_v = torch.cat([pad_left(ref_v, width), pad_left(k * 2, width)])
+                pick = pick + more
+            else:
+                k = torch.randn(ref_k.shape[0], heads, 1, dim, generator=gen)
+                got_k, got_v = layer.update(k, k * 2)
+                ref_k, ref_v = torch.cat([ref_k, k], dim=2), torch.cat([ref_v, k * 2], dim=2)
+                if layer.prefix is not None:
+                    assert torch.equal(got_k, whole(ref_k, pick, 0)) and torch.equal(got_v, whole(ref_v, pick, 1))
+                else:
+                    assert torch.equal(got_k, ref_k) and torch.equal(got_v, ref_v)
+            assert layer.keys is not None and layer.values is not None
+            assert torch.equal(layer.keys, ref_k) and torch.equal(layer.values, ref_v), (case, op)
+            assert layer.pick == pick and layer.get_seq_length() == layer.plen + ref_k.shape[2]
+
+
+def test_decoding_with_a_cache_that_is_always_out_of_room_is_unchanged(tiny: dict[str, Any], monkeypatch: Any) -> None:
+    from worker import decoding
+
+    monkeypatch.setattr(decoding._RowsLayer, "SPARE", 0)
+    rows = tiny["rows"]
+    got = decode_rows(tiny["model"], [p for p, _ in rows], GenerationConfig(max_new_tokens=NEW_TOKENS), eos_ids=EOS,
+                      pad_id=0, device=torch.device("cpu"), options=DecodeOptions(capacity=7),
+                      adapter_names=[n for _, n in rows])
+    assert got == tiny["reference"]
+
+
+@pytest.mark.parametrize("rows", [1, 7, 8, 13, 16])
+def test_the_output_projection_on_padded_rows_computes_the_same_logits(rows: int) -> None:
+    from worker import decoding
+
+    head = torch.nn.Linear(16, 40, bias=False)
+    x = torch.randn(rows, 1, 16)
+    expected = head(x)
+    decoding._pad_output_rows(type("M", (), {"get_output_embeddings": lambda self: head})())
+    got = head(x)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected)
