@@ -32,3 +32,11 @@ def test_the_gpu_mode_runs_on_cpu_with_a_tiny_shape() -> None:
     assert re.search(r"^c\s+\S+\s+\S+\s+\S+\s+\S+\s+100\.0%", out, re.MULTILINE), out
     assert "bandwidth floor" in out and "(c) decode:" in out
     assert "embedded mode" not in out  # that part runs on the demo model only
+
+
+def test_the_rows_per_pass_script_runs(demo_model: Path) -> None:
+    done = subprocess.run([sys.executable, str(REPO / "bench/rows_per_pass.py"), "--rows", "3", "8"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = re.findall(r"^\s+(\d+)\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+[\d.]+$", done.stdout, re.MULTILINE)
+    assert rows == ["3", "8"], done.stdout

@@ -70,13 +70,15 @@ def tiny() -> dict[str, Any]:
     return {"model": peft, "rows": rows, "reference": [alone(p, n) for p, n in rows]}
 
 
-ALL_OFF = DecodeOptions(capacity=6, refill=False, share_prefix=False, route_lora=False, last_logits_only=False)
+ALL_OFF = DecodeOptions(capacity=6, refill=False, share_prefix=False, route_lora=False, last_logits_only=False,
+                        pad_output_rows=False)
 VARIANTS = {
     "none": ALL_OFF,
     "refill": replace(ALL_OFF, refill=True),
     "shared prefix": replace(ALL_OFF, share_prefix=True),
     "routed LoRA": replace(ALL_OFF, route_lora=True),
     "last logits only": replace(ALL_OFF, last_logits_only=True),
+    "output projection on padded rows": replace(ALL_OFF, pad_output_rows=True),
     "all": DecodeOptions(capacity=6),
     "all, one row at a time": DecodeOptions(capacity=1),
     "all, everything in one batch": DecodeOptions(capacity=100),
@@ -256,6 +258,11 @@ def test_the_output_projection_on_padded_rows_computes_the_same_logits(rows: int
     x = torch.randn(rows, 1, 16)
     expected = head(x)
     decoding._pad_output_rows(type("M", (), {"get_output_embeddings": lambda self: head})())
-    got = head(x)
+    assert torch.equal(head(x), expected)  # outside `decode_rows`: a plain nn.Linear
+    token = decoding._PAD_ROWS.set(True)
+    try:
+        got = head(x)
+    finally:
+        decoding._PAD_ROWS.reset(token)
     assert got.shape == expected.shape
     torch.testing.assert_close(got, expected)

@@ -11,7 +11,8 @@ What it does that `transformers.generate` over fixed batches does not (each can 
   few-shot block) is computed once per variant and its KV entries are held once per variant, not
   once per row;
 - similar lengths: rows are admitted longest prompt first, so each prefill pads little;
-- logits for the last position only: the prefill never builds a [rows, tokens, vocab] tensor.
+- logits for the last position only: the prefill never builds a [rows, tokens, vocab] tensor;
+- on CPU, the output projection runs on a multiple of 8 rows (see the end of this docstring).
 
 Base and adapter rows share the batch: each adapter's rows are one contiguous range, routed in
 the LoRA layers (`lora_routing`), or PEFT's `adapter_names` where routing does not apply; a model
@@ -22,8 +23,8 @@ end at the newest column (rows admitted later are padded on the left, masked out
 count only real tokens); columns no row uses any more are dropped. Decode steps, finished rows
 and joining rows (prefilled straight into the buffer) all write in place: memory stays at what
 the rows in flight need, with no copy of the cache per step.
-On CPU the output projection runs on a multiple of 8 rows (`_pad_output_rows`): BLAS is up to
-1.8x faster there at 16 rows than at 13 (bench/README.md).
+On CPU the output projection runs on a multiple of 8 rows (`_pad_output_rows`): float32 BLAS
+took 15.1 ms at 13 rows and 8.1 ms padded to 16 for the demo model's head (bench/rows_per_pass.py).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import types
 import warnings
 from collections.abc import Sequence
 from contextlib import nullcontext
+from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -66,6 +68,8 @@ class DecodeOptions:
     route_lora: bool = True
     #: Compute logits for the last position of a prefill only.
     last_logits_only: bool = True
+    #: On CPU, run the output projection on a multiple of 8 rows (faster there with float32 BLAS).
+    pad_output_rows: bool = True
 
 
 def _sample(logits: torch.Tensor, gen: GenerationConfig) -> torch.Tensor:
@@ -339,9 +343,13 @@ class _RowsLayer(DynamicLayer):
         self._sync()
 
 
+#: Whether the output projections patched by `_pad_output_rows` pad their rows (inside `decode_rows`).
+_PAD_ROWS: ContextVar[bool] = ContextVar("pad_output_rows", default=False)
+
+
 def _padded_rows_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     rows = x.numel() // x.shape[-1]
-    if rows % 8 == 0:
+    if rows % 8 == 0 or not _PAD_ROWS.get():
         return F.linear(x, self.weight, self.bias)
     padded = x.new_zeros((rows + 8 - rows % 8, x.shape[-1]))
     padded[:rows] = x.reshape(rows, x.shape[-1])
@@ -349,7 +357,8 @@ def _padded_rows_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor
 
 
 def _pad_output_rows(model: Any) -> None:
-    """On CPU, run the output projection on a multiple of 8 rows (zeros below the real ones)."""
+    """Let the model's output projection run on a multiple of 8 rows (zeros below the real ones)
+    where `_PAD_ROWS` says so; elsewhere it is a plain `nn.Linear`."""
     head = model.get_output_embeddings()
     if type(head) is torch.nn.Linear and "forward" not in vars(head):
         head.forward = types.MethodType(_padded_rows_forward, head)  # type: ignore[method-assign]
@@ -437,16 +446,29 @@ def decode_rows(
     (PEFT's mixed batch; None: whatever the model is now). `tokenizer` is needed for stop strings."""
     if gen.stop and tokenizer is None:
         raise ValueError("stop strings need the tokenizer")
-    tokens: list[list[int]] = [[] for _ in prompts]
     if not prompts:
-        return tokens
+        return []
     names = list(adapter_names) if adapter_names is not None else None
     if names is not None and not (options.route_lora and lora_routing.routable(model)) \
             and lora_routing.has_variant(model):
         return _pass_per_variant(model, prompts, gen, names, eos_ids=eos_ids, pad_id=pad_id, device=device,
                                  options=options, tokenizer=tokenizer)
-    if device.type == "cpu":
+    pad = options.pad_output_rows and device.type == "cpu"
+    if pad:
         _pad_output_rows(model)
+    token = _PAD_ROWS.set(pad)
+    try:
+        return _stream(model, prompts, gen, names, eos_ids=eos_ids, pad_id=pad_id, device=device, options=options,
+                       tokenizer=tokenizer)
+    finally:
+        _PAD_ROWS.reset(token)
+
+
+def _stream(model: Any, prompts: Sequence[Sequence[int]], gen: GenerationConfig, names: list[str] | None, *,
+            eos_ids: set[int], pad_id: int, device: torch.device, options: DecodeOptions,
+            tokenizer: Any) -> list[list[int]]:
+    """`decode_rows`' loop: rows stream through one batch."""
+    tokens: list[list[int]] = [[] for _ in prompts]
     extra: dict[str, Any] = {"route": options.route_lora}  # for every forward pass
     if options.last_logits_only:
         extra.update(_last_logits_kwargs(model))
