@@ -259,7 +259,8 @@ class _RowsLayer(DynamicLayer):
             k[r0:r1, :, c0:c1] = key_states
             v[r0:r1, :, c0:c1] = value_states
             self._written = t
-            return self._whole(k[r0:r1, :, c0:c1], 0, pick), self._whole(v[r0:r1, :, c0:c1], 1, pick)
+            runs = lora_routing.segments(pick)
+            return self._whole(k[r0:r1, :, c0:c1], 0, runs), self._whole(v[r0:r1, :, c0:c1], 1, runs)
         if self._k is None:
             self.is_initialized, self.device = True, key_states.device
             self._m = key_states.shape[0]
@@ -276,17 +277,18 @@ class _RowsLayer(DynamicLayer):
         v[:self._m, :, end:end + t] = value_states
         self._n += t
         self._sync()
-        return self._whole(self._own(k), 0, self.pick), self._whole(self._own(v), 1, self.pick)
+        runs = lora_routing.segments(self.pick)
+        return self._whole(self._own(k), 0, runs), self._whole(self._own(v), 1, runs)
 
-    def _whole(self, own: torch.Tensor, which: int, pick: list[int]) -> torch.Tensor:
-        """The prefix (row i's variant `pick[i]`) followed by the rows' own columns."""
+    def _whole(self, own: torch.Tensor, which: int, runs: Sequence[tuple[int, int, int]]) -> torch.Tensor:
+        """The prefix (each run of rows with its variant's) followed by the rows' own columns."""
         if self.prefix is None:
             return own
         prefix = self.prefix[which]
         p = prefix.shape[2]
         out = self.scratch.take(which, (own.shape[0], own.shape[1], p + own.shape[2], own.shape[3]), own)
         out[:, :, p:] = own
-        for variant, start, end in _runs(pick):
+        for variant, start, end in runs:
             out[start:end, :, :p] = prefix[variant]
         return out
 
@@ -364,17 +366,6 @@ def _pad_output_rows(model: Any) -> None:
         head.forward = types.MethodType(_padded_rows_forward, head)  # type: ignore[method-assign]
 
 
-def _runs(values: Sequence[int]) -> list[tuple[int, int, int]]:
-    """(value, start, end) for each run of equal values."""
-    out: list[tuple[int, int, int]] = []
-    for i, value in enumerate(values):
-        if out and out[-1][0] == value:
-            out[-1] = (value, out[-1][1], i + 1)
-        else:
-            out.append((value, i, i + 1))
-    return out
-
-
 def _rows_cache(layers: list[_RowsLayer] | None = None, scratch: _Scratch | None = None,
                 reserve: int = 0) -> DynamicCache:
     """A cache of `_RowsLayer`s: these, or (no shared prefix) one made per decoder layer as it runs."""
@@ -405,13 +396,10 @@ def _layers(cache: DynamicCache) -> list[Any]:
     return list(cache.layers)
 
 
-def _pad_left(t: torch.Tensor, width: int, dim: int = 1) -> torch.Tensor:
-    missing = width - t.shape[dim]
-    if missing == 0:
-        return t
-    shape = list(t.shape)
-    shape[dim] = missing
-    return torch.cat([t.new_zeros(shape), t], dim=dim)
+def _pad_left(mask: torch.Tensor, width: int) -> torch.Tensor:
+    """`mask` [rows, columns] with zero columns on the left up to `width`."""
+    missing = width - mask.shape[1]
+    return mask if missing == 0 else torch.cat([mask.new_zeros((mask.shape[0], missing)), mask], dim=1)
 
 
 class _Prefix:

@@ -28,9 +28,6 @@ from .decoding import DecodeOptions, decode_rows
 
 log = logging.getLogger(__name__)
 
-#: PEFT's name for "no adapter" in a mixed batch.
-PEFT_BASE = lora_routing.BASE
-
 
 @dataclass(frozen=True)
 class GenRow:
@@ -84,7 +81,7 @@ def _generate(
     options: DecodeOptions | None = None,
 ) -> list[GenResult]:
     eos_ids = _eos_ids(model, tokenizer)
-    names = [r.adapter or PEFT_BASE for r in rows] if mixed else None
+    names = [r.adapter or lora_routing.BASE for r in rows] if mixed else None
     chosen = replace(options, capacity=capacity) if options is not None else DecodeOptions(capacity=capacity)
     new = decode_rows(model, [r.input_ids for r in rows], gen, eos_ids=eos_ids, pad_id=tokenizer.pad_token_id,
                       device=device, options=chosen, adapter_names=names, tokenizer=tokenizer)

@@ -21,7 +21,7 @@ import types
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -33,6 +33,8 @@ _FLAG = "_lora_compare_routable"
 
 #: PEFT's name for "no adapter" in a mixed batch.
 BASE = "__base__"
+
+T = TypeVar("T")
 
 
 def _routed_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -84,9 +86,9 @@ def _uses_variant(layer: Any) -> bool:
     return bool(getattr(layer, "lora_variant", {})) or any(getattr(layer, "use_dora", {}).values())
 
 
-def segments(names: Sequence[str]) -> tuple[tuple[str, int, int], ...]:
-    """Runs of equal adapter names: (name, start, end)."""
-    runs: list[tuple[str, int, int]] = []
+def segments(names: Sequence[T]) -> tuple[tuple[T, int, int], ...]:
+    """Runs of equal adapter names (or any values): (name, start, end)."""
+    runs: list[tuple[T, int, int]] = []
     start = 0
     for i in range(1, len(names) + 1):
         if i == len(names) or names[i] != names[start]:
