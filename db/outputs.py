@@ -116,10 +116,11 @@ def cached_outputs(session: Session, keys: Sequence[str]) -> dict[str, dict[str,
     for start in range(0, len(unique), 500):  # bounded IN lists
         stmt = (
             select(Generation.id, Generation.cache_key, Generation.output, Generation.output_tokens,
-                   Generation.finish_reason)
+                   Generation.finish_reason, Generation.output_ids)
             .where(Generation.cache_key.in_(unique[start:start + 500]), Generation.reused_from.is_(None))
             .order_by(Generation.id)
         )
-        for gid, key, output, tokens, reason in session.execute(stmt):
-            found.setdefault(str(key), {"id": gid, "output": output, "output_tokens": tokens, "finish_reason": reason})
+        for gid, key, output, tokens, reason, ids in session.execute(stmt):
+            found.setdefault(str(key), {"id": gid, "output": output, "output_tokens": tokens, "finish_reason": reason,
+                                        "output_ids": ids})
     return found

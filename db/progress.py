@@ -29,6 +29,8 @@ class RunProgress:
     rows_per_s: float | None
     rows_reused: int = 0  # outputs copied from earlier runs instead of generated
     failed_chunks: list[dict[str, Any]] = field(default_factory=list)
+    #: Exact fallbacks chunks took instead of the engine's fast path, with why, and how many chunks did
+    engine_notes: dict[str, int] = field(default_factory=dict)
 
     @property
     def fraction(self) -> float:
@@ -76,6 +78,11 @@ def run_progress(session: Session, run_id: int) -> RunProgress | None:
             .order_by(Chunk.id)
         )
     ]
+    notes: dict[str, int] = {}
+    for engine, count in session.execute(select(Chunk.engine, func.count()).where(
+            Chunk.run_id == run_id, Chunk.engine.is_not(None)).group_by(Chunk.engine)):
+        for note in str(engine).split("; "):
+            notes[note] = notes.get(note, 0) + int(count)
     rate = None
     if run.started_at and rows_done:
         end = _aware(run.finished_at) if run.finished_at else datetime.now(timezone.utc)
@@ -97,6 +104,7 @@ def run_progress(session: Session, run_id: int) -> RunProgress | None:
         rows_per_s=rate,
         rows_reused=int(reused),
         failed_chunks=failed,
+        engine_notes=notes,
     )
 
 

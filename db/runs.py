@@ -157,12 +157,15 @@ def claim_chunk(
     return ChunkClaim(run_id, chunk_id, chunk.attempts, chunk.start_idx, chunk.end_idx)
 
 
-def complete_chunk(session: Session, run_id: int, chunk_id: int, *, generate_seconds: float | None) -> None:
+def complete_chunk(session: Session, run_id: int, chunk_id: int, *, generate_seconds: float | None,
+                   device: str | None = None, dtype: str | None = None, engine: str | None = None) -> None:
+    """Mark a chunk done, with where it ran (`device`, `dtype`) and any exact fallback it took (`engine`)."""
     run = _lock_run(session, run_id)
     chunk = session.get(Chunk, (run_id, chunk_id), with_for_update=True, populate_existing=True)
     if run is None or chunk is None:
         return
     chunk.generate_seconds = generate_seconds
+    chunk.device, chunk.dtype, chunk.engine = device, dtype, engine
     _finish_chunk(session, run, chunk, "done", error=None)
 
 

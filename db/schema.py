@@ -106,8 +106,29 @@ class Chunk(Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     generate_seconds: Mapped[float | None] = mapped_column(Float)  # time spent in generation
     error: Mapped[str | None] = mapped_column(Text)
+    device: Mapped[str | None] = mapped_column(String(32))  # where the chunk was generated: cpu, cuda:0, ...
+    dtype: Mapped[str | None] = mapped_column(String(16))  # the weights' dtype as resolved: float32, ...
+    # How it was generated when not on the engine's full fast path (an exact fallback and why); null: fast path
+    engine: Mapped[str | None] = mapped_column(Text)
 
     __table_args__ = (Index("ix_chunks_run_status", "run_id", "status"),)
+
+
+class Verification(Base):
+    """`lora-compare verify`: how many sampled rows of one variant plain PEFT reproduces."""
+
+    __tablename__ = "verifications"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    variant: Mapped[str] = mapped_column(String(200))
+    sampled: Mapped[int] = mapped_column(Integer)
+    agreed: Mapped[int] = mapped_column(Integer)
+    device: Mapped[str] = mapped_column(String(32))
+    dtype: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # one object per disagreement: example_idx, first differing token, logit gap there
+    details: Mapped[list] = mapped_column(JSON)
 
 
 class Generation(Base):
@@ -133,6 +154,7 @@ class Generation(Base):
     # sha256 of (base hash, adapter hash, prompt tokens, generation settings); null when sampling
     cache_key: Mapped[str | None] = mapped_column(String(64), index=True)
     reused_from: Mapped[int | None] = mapped_column(Integer)  # the generation this output was copied from
+    output_ids: Mapped[list | None] = mapped_column(JSON)  # the generated token ids (EOS included when hit)
 
     __table_args__ = (
         UniqueConstraint("run_id", "example_idx", "variant", name="uq_generations_run_example_variant"),

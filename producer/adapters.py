@@ -30,6 +30,8 @@ class AdapterInfo:
     rank: int | None
     target_modules: tuple[str, ...]
     shapes: dict[str, tuple[int, ...]]  # tensor name -> shape
+    #: The adapted layers store their weight as [in, out] (GPT-2's Conv1D) rather than [out, in].
+    fan_in_fan_out: bool = False
 
 
 def files_sha256(paths: list[Path]) -> str:
@@ -92,6 +94,7 @@ def inspect_adapter(name: str, folder: str | Path) -> AdapterInfo:
     if isinstance(targets, str):
         targets = (targets,)
     rank = config.get("r")
+    _refuse_base_biases(name, key, config, shapes)
     return AdapterInfo(
         name=name,
         path=path,
@@ -99,7 +102,31 @@ def inspect_adapter(name: str, folder: str | Path) -> AdapterInfo:
         rank=rank if isinstance(rank, int) else None,
         target_modules=tuple(str(t) for t in targets),
         shapes=shapes,
+        fan_in_fan_out=bool(config.get("fan_in_fan_out", False)),
     )
+
+
+def _refuse_base_biases(name: str, key: str, config: dict, shapes: dict[str, tuple[int, ...]]) -> None:
+    """An adapter trained with `bias: all` or `lora_only` carries new biases for layers of the base
+    model; PEFT loads them into the base layers themselves, so they would change the base rows and
+    every other adapter's rows as well. No path can serve that exactly beside other variants."""
+    bias = str(config.get("bias", "none"))
+    if bias == "none":
+        return
+    saved = [str(m) for m in config.get("modules_to_save") or ()]
+    for tensor in sorted(shapes):
+        module, _kind = _split_lora_name(tensor)
+        plain = tensor[len(_PEFT_PREFIX):] if tensor.startswith(_PEFT_PREFIX) else tensor
+        if module is not None or not plain.endswith(".bias"):
+            continue
+        owner = plain[: -len(".bias")]
+        if any(owner == m or owner.endswith(f".{m}") or f".{m}." in f".{owner}." for m in saved):
+            continue
+        raise AdapterError(
+            f"adapter '{name}' ({key}) was trained with bias='{bias}': it replaces the base model's bias {owner}, "
+            "which would change the base rows and every other adapter's too; retrain it with bias='none' "
+            "(lora_bias=True keeps a bias of its own)"
+        )
 
 
 def base_model_shapes(folder: str | Path) -> dict[str, tuple[int, ...]]:
@@ -134,6 +161,8 @@ def check_adapter_fits(info: AdapterInfo, base_shapes: dict[str, tuple[int, ...]
                 f"adapter '{info.name}' (model.adapters.{info.name}) was made for another base model: it adapts "
                 f"'{module}', which {base_label} does not have"
             )
+        if info.fan_in_fan_out and kind in ("lora_A", "lora_B", "lora_B.bias") and len(weight) == 2:
+            weight = (weight[1], weight[0])  # Conv1D stores [in, out]
         if not _fits(kind, shape, weight):
             raise AdapterError(
                 f"adapter '{info.name}' (model.adapters.{info.name}) was made for another base model: "
@@ -147,7 +176,8 @@ def _split_lora_name(tensor: str) -> tuple[str | None, str]:
     for kind in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B"):
         marker = f".{kind}"
         if marker in name:
-            return name.split(marker)[0], kind
+            module, rest = name.split(marker, 1)
+            return module, f"{kind}.bias" if rest.endswith(".bias") else kind
     return None, ""
 
 
@@ -159,6 +189,8 @@ def _fits(kind: str, lora: tuple[int, ...], weight: tuple[int, ...]) -> bool:
         return len(lora) == 2 and lora[1] == in_features
     if kind == "lora_B":  # [out, r]
         return len(lora) == 2 and lora[0] == out_features
+    if kind == "lora_B.bias":  # [out] (lora_bias=True)
+        return len(lora) == 1 and lora[0] == out_features
     if kind == "lora_embedding_A":  # [r, num_embeddings]; embedding weight is [num_embeddings, dim]
         return len(lora) == 2 and lora[1] == out_features
     if kind == "lora_embedding_B":  # [dim, r]

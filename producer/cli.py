@@ -3,7 +3,7 @@
 Library code raises; this module turns the project's errors into one line on stderr and a non-zero
 exit. Data goes to stdout; progress and logs go to stderr. A command that creates a run prints the
 run id alone on the last line of stdout. torch, transformers and peft are imported only inside the
-commands that run a model (`run`, `demo`, `worker`).
+commands that run a model (`run`, `demo`, `worker`, `retry --here`, `verify`).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from db.outputs import side_by_side, variant_summary
 from db.progress import RunProgress, recent_run_ids, run_progress
 from db.readonly import QueryError, run_readonly
 from db.runs import cancel_run, get_run, requeue_run, run_variants
+from db.verifications import latest_verifications
 
 from . import display
 from .errors import ProducerError, RunNotFoundError
@@ -303,6 +304,8 @@ def status(obj: Context, run_id: int | None, watch: bool, fmt: str, limit: int) 
     if not watch:
         click.echo(display.progress_line(progress))
     click.echo(f"variants: {', '.join(progress.variants)}")
+    for note, chunks in progress.engine_notes.items():
+        click.echo(f"exact fallback ({chunks} chunk{'s' if chunks != 1 else ''}): {note}")
     if progress.error:
         click.echo(f"error: {progress.error}")
     for failed in progress.failed_chunks:
@@ -386,10 +389,14 @@ def _elapsed(run: Any) -> float | None:
 @_errors
 def report(obj: Context, run_id: int, fmt: str, html_file: Path | None) -> None:
     """Per-variant scores with 95% intervals and paired comparisons of each adapter with base."""
-    from .report import build_report, comparison_rows, variant_rows
+    from .report import Verified, build_report, comparison_rows, variant_rows, verified_line
 
-    run, names, records = _report_inputs(obj.sessions(), run_id)
-    result = build_report(run_id, records, names, elapsed_s=_elapsed(run))
+    sessions = obj.sessions()
+    run, names, records = _report_inputs(sessions, run_id)
+    with sessions() as session:
+        verified = {name: Verified(name, v.sampled, v.agreed, v.device, v.dtype)
+                    for name, v in latest_verifications(session, run_id).items()}
+    result = build_report(run_id, records, names, elapsed_s=_elapsed(run), verified=verified)
     if html_file is not None:
         from .html_report import render_html
 
@@ -409,6 +416,9 @@ def report(obj: Context, run_id: int, fmt: str, html_file: Path | None) -> None:
         click.echo("")
         columns, rows = comparison_rows(result.comparisons)
         click.echo(display.to_table(columns, rows))
+    line = verified_line(result)
+    if line:
+        click.echo(f"\n{line}")
     if result.rows_per_s:
         click.echo(f"\nthroughput: {result.rows_per_s:.2f} rows/s, {result.tokens_per_s:.1f} generated tokens/s")
 
@@ -449,6 +459,60 @@ def compare(obj: Context, run_a: int, run_b: int, variant_a: str | None, variant
         return
     columns, rows = comparison_rows([result])
     click.echo(display.to_table(columns, rows))
+
+
+@cli.command()
+@click.argument("run_id", type=int)
+@click.option("--sample", default=20, show_default=True, type=click.IntRange(min=1),
+              help="Examples to regenerate, drawn with --seed; the same ones for every variant.")
+@click.option("--device", default=None, help="Where to regenerate (default: where the run's chunks ran).")
+@click.option("--seed", default=0, show_default=True, help="Seed of the draw of examples.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@pass_context
+@_errors
+def verify(obj: Context, run_id: int, sample: int, device: str | None, seed: int, fmt: str) -> None:
+    """Regenerate a sample of RUN's rows with plain PEFT, one prompt at a time, on the run's device and dtype;
+    print the agreement per variant and, for each disagreement, the logit gap at the first differing token
+    (a near-tie shows a small gap, a bug a large one). The figures are recorded; `report` shows them."""
+    from worker.verify import plan_verification, record_verification, run_verification
+
+    from .report import agreement_share, agreement_text
+
+    sessions = obj.sessions(migrate=True)
+    with sessions() as session:
+        if get_run(session, run_id) is None:
+            raise RunNotFoundError(f"no run with id {run_id}")
+        plan = plan_verification(session, obj.settings, run_id, sample=sample, device=device, seed=seed)
+    click.echo(f"run {run_id}: regenerating {len(plan.examples)} examples x {len(plan.targets)} variants with plain "
+               f"PEFT on {plan.device}, {plan.dtype}", err=True)
+    result = run_verification(plan, on_variant=lambda v: click.echo(
+        f"  {v.variant}: {agreement_text(v.agreed, v.sampled)} reproduced", err=True))
+    with sessions.begin() as session:
+        record_verification(session, result)
+    if fmt == "json":
+        click.echo(display.to_json_object(result.to_json()))
+        return
+    click.echo(f"run {run_id}: {len(result.examples)} examples regenerated alone with plain PEFT on {result.device}, "
+               f"{result.dtype}")
+    click.echo(display.to_table(["variant", "sampled", "agreed", "agreement"],
+                                [[v.variant, v.sampled, v.agreed, agreement_share(v.agreed, v.sampled)]
+                                 for v in result.variants]))
+    found = [d for v in result.variants for d in v.disagreements]
+    if not found:
+        return
+
+    def token(text: str | None, token_id: int | None) -> str:
+        if text is None:
+            return "(ended)"
+        return repr(text) if token_id is None else f"{text!r} ({token_id})"
+
+    click.echo("\ndisagreements: first differing token; gap = its logit for plain PEFT's token minus the run's")
+    click.echo(display.to_table(
+        ["variant", "example_idx", "token_position", "plain_token", "run_token", "gap"],
+        [[d.variant, d.example_idx, "-" if d.position is None else d.position, token(d.plain_text, d.plain_token),
+          token(d.run_text, d.run_token), "-" if d.gap is None else d.gap] for d in found]))
+    if any(d.position is None for d in found):
+        click.echo("rows stored without token ids are compared by text: their whole outputs are shown, without a gap")
 
 
 @cli.command()

@@ -9,7 +9,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from .report import Records, Report, VariantStats, _p, _pct
+from .report import Records, Report, VariantStats, _p, _pct, verified_line
 
 _TOKENS = re.compile(r"(\s+)")
 _BAR_W = 420  # px: the width of a 100% bar
@@ -181,6 +181,9 @@ def render_html(report: Report, records: Records, meta: dict[str, Any]) -> str:
         speed = f" · {report.rows_per_s:.1f} rows/s, {report.tokens_per_s:.0f} generated tokens/s"
     no_scores = "" if report.has_scores else "<p class='note'>This run has no references, so it has no scores: " \
         "the report shows how often and how much the outputs changed.</p>"
+    line = verified_line(report)
+    verified = "" if line is None else f"<p class='note' id='verified'>{html.escape(line)} (a sample of rows " \
+        "regenerated one prompt at a time with plain transformers + PEFT by <code>lora-compare verify</code>).</p>"
     title = f"lora-compare report: run {report.run_id} ({meta.get('name', '')})"
     data = json.dumps(report.to_json()).replace("</", "<\\/")  # safe inside <script>
     return f"""<!doctype html>
@@ -195,6 +198,7 @@ def render_html(report: Report, records: Records, meta: dict[str, Any]) -> str:
 {_accuracy_svg(report.variants)}
 <table class="num"><thead><tr>{''.join(f'<th>{c}</th>' for c in columns_v)}</tr></thead><tbody>{vrows}</tbody>
 </table>
+{verified}
 <h2>Against the base model, on the same examples</h2>
 {_wins_svg(report)}
 <table><thead><tr><th>adapter</th><th>wins</th><th>losses</th><th>ties</th><th>exact McNemar p</th>

@@ -6,7 +6,7 @@ that may come from two runs on the same dataset. The JSON shape is a public cont
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,6 +54,25 @@ class Comparison:
 
 
 @dataclass(frozen=True)
+class Verified:
+    """The latest `lora-compare verify` of one variant: sampled rows that plain PEFT reproduced."""
+
+    variant: str
+    sampled: int
+    agreed: int
+    device: str
+    dtype: str
+
+    @property
+    def agreement(self) -> float | None:
+        return self.agreed / self.sampled if self.sampled else None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"sampled": self.sampled, "agreed": self.agreed, "agreement": self.agreement, "device": self.device,
+                "dtype": self.dtype}
+
+
+@dataclass(frozen=True)
 class Report:
     run_id: int
     variants: list[VariantStats]
@@ -61,10 +80,16 @@ class Report:
     has_scores: bool
     rows_per_s: float | None = None
     tokens_per_s: float | None = None
+    verified: dict[str, Verified] = field(default_factory=dict)  # variant -> its latest verification, if any
 
     def to_json(self) -> dict[str, Any]:
-        return {"run_id": self.run_id, "variants": [v.to_json() for v in self.variants],
-                "comparisons": [c.to_json() for c in self.comparisons]}
+        variants = []
+        for v in self.variants:
+            data = v.to_json()
+            if v.variant in self.verified:
+                data["verified"] = self.verified[v.variant].to_json()
+            variants.append(data)
+        return {"run_id": self.run_id, "variants": variants, "comparisons": [c.to_json() for c in self.comparisons]}
 
 
 def _cells(records: Records, variant: str) -> dict[int, dict[str, Any]]:
@@ -102,7 +127,8 @@ def compare_cells(baseline: dict[int, dict[str, Any]], candidate: dict[int, dict
                       changed / len(common) if common else None)
 
 
-def build_report(run_id: int, records: Records, variants: Sequence[str], *, elapsed_s: float | None = None) -> Report:
+def build_report(run_id: int, records: Records, variants: Sequence[str], *, elapsed_s: float | None = None,
+                 verified: Mapping[str, Verified] | None = None) -> Report:
     stats = [variant_stats(records, v) for v in variants]
     base = _cells(records, "base")
     comparisons = [compare_cells(base, _cells(records, v), baseline_name="base", candidate_name=v)
@@ -111,7 +137,8 @@ def build_report(run_id: int, records: Records, variants: Sequence[str], *, elap
     tokens = sum(sum(s.lengths) for s in stats)
     rate = rows / elapsed_s if elapsed_s else None
     token_rate = tokens / elapsed_s if elapsed_s else None
-    return Report(run_id, stats, comparisons, any(s.n for s in stats), rate, token_rate)
+    return Report(run_id, stats, comparisons, any(s.n for s in stats), rate, token_rate,
+                  {v: verified[v] for v in variants if v in verified} if verified else {})
 
 
 def compare_runs(records_a: Records, variant_a: str, records_b: Records, variant_b: str, *, run_a: int,
@@ -131,6 +158,33 @@ def _p(value: float | None) -> str:
     if value is None:
         return "-"
     return f"{value:.2e}" if value < 1e-3 else f"{value:.3f}"
+
+
+def agreement_share(agreed: int, sampled: int) -> str:
+    """`91.7%`; a whole percentage without decimals: `100%`; `-` when nothing was sampled."""
+    if not sampled:
+        return "-"
+    share = 100 * agreed / sampled
+    return f"{share:.0f}%" if share == round(share) else f"{share:.1f}%"
+
+
+def agreement_text(agreed: int, sampled: int) -> str:
+    """`11/12 (91.7%)`."""
+    return f"{agreed}/{sampled} ({agreement_share(agreed, sampled)})"
+
+
+def verified_line(report: Report) -> str | None:
+    """`verified against plain PEFT: base 20/20 (100%), arith 19/20 (95%) on cpu, bfloat16`; None: never verified."""
+    if not report.verified:
+        return None
+    items = list(report.verified.values())
+    settings = {(v.device, v.dtype) for v in items}
+    if len(settings) == 1:
+        device, dtype = settings.pop()
+        parts = ", ".join(f"{v.variant} {agreement_text(v.agreed, v.sampled)}" for v in items)
+        return f"verified against plain PEFT: {parts} on {device}, {dtype}"
+    parts = ", ".join(f"{v.variant} {agreement_text(v.agreed, v.sampled)} on {v.device}, {v.dtype}" for v in items)
+    return f"verified against plain PEFT: {parts}"
 
 
 def comparison_rows(comparisons: Sequence[Comparison]) -> tuple[list[str], list[list[Any]]]:

@@ -145,7 +145,7 @@ def test_layers_outside_a_route_behave_as_peft(tiny: dict[str, Any]) -> None:
 
 def test_a_model_with_a_lora_variant_runs_one_pass_per_variant() -> None:
     """PEFT refuses to mix DoRA (a LoRA variant) with other rows in one batch, and routing does not
-    handle it: `install` says so, and decoding runs a pass per variant instead, with the same
+    handle it: `install` says so (`mixing`), and decoding runs a pass per variant instead, with the same
     tokens as each prompt alone."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -157,7 +157,7 @@ def test_a_model_with_a_lora_variant_runs_one_pass_per_variant() -> None:
     dora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=True,
                       init_lora_weights=False, task_type="CAUSAL_LM")
     peft = get_peft_model(model, dora, adapter_name="d").eval()
-    assert not lora_routing.install(peft) and lora_routing.has_variant(peft)
+    assert not lora_routing.install(peft) and lora_routing.mixing(peft).mode == "per_variant"
     prompts = [[40, 41, 42, 43, 50 + i] for i in range(3)]
     names = ["__base__", "d", "d"]
     got = decode_rows(peft, prompts, GenerationConfig(max_new_tokens=5), eos_ids=set(), pad_id=0,

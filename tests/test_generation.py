@@ -92,7 +92,7 @@ def test_finished_rows_leave_the_batch_without_changing_outputs(host) -> None:  
     import torch
 
     from worker.decoding import DecodeOptions, decode_rows
-    from worker.generation import _eos_ids
+    from worker.generation import eos_ids
     from worker.prompts import encode_prompts
 
     model_host, names = host
@@ -100,7 +100,7 @@ def test_finished_rows_leave_the_batch_without_changing_outputs(host) -> None:  
     prompts = ["What is 2 plus 3?", "Write a long story about a dragon.", "Say yes.", "List four fruits."]
     ids = encode_prompts(tokenizer, prompts, system_prompt=None, chat_template=True)
     adapters = ["__base__", names["attn"], names["mlp"], "__base__"]
-    eos = _eos_ids(model, tokenizer)
+    eos = eos_ids(model, tokenizer)
     options = DecodeOptions(capacity=len(ids), refill=False, share_prefix=False, route_lora=False,
                             last_logits_only=False)
     ours = decode_rows(model, ids, GenerationConfig(max_new_tokens=30), eos_ids=eos, pad_id=tokenizer.pad_token_id,
@@ -124,7 +124,7 @@ def test_every_optimisation_on_the_demo_model_leaves_outputs_unchanged(host) -> 
     from dataclasses import replace
 
     from worker.decoding import DecodeOptions, common_prefix, decode_rows
-    from worker.generation import _eos_ids
+    from worker.generation import eos_ids
     from worker.prompts import encode_prompts
 
     model_host, names = host
@@ -138,7 +138,7 @@ def test_every_optimisation_on_the_demo_model_leaves_outputs_unchanged(host) -> 
 
     def run(options: DecodeOptions) -> list[list[int]]:
         return decode_rows(model, [i for i, _ in rows], GenerationConfig(max_new_tokens=20),
-                           eos_ids=_eos_ids(model, tokenizer), pad_id=tokenizer.pad_token_id,
+                           eos_ids=eos_ids(model, tokenizer), pad_id=tokenizer.pad_token_id,
                            device=model_host.device, options=options, adapter_names=[a for _, a in rows])
 
     reference = run(off)

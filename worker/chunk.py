@@ -27,9 +27,10 @@ from db.outputs import cached_outputs, done_pairs, insert_generations
 from db.runs import chunk_examples, claim_chunk, complete_chunk, fail_chunk, get_run, run_variants
 from producer.config import GenerationConfig, RunConfig
 
+from .decoding import DecodeOptions
 from .errors import FatalChunkError, RetryableChunkError
 from .generation import GenResult, GenRow, generate_mixed, generate_separate
-from .model_host import ModelHost
+from .model_host import ModelHost, ModelIdentity
 from .prompts import encode_prompts
 from .scoring import score
 
@@ -65,19 +66,28 @@ class OutputRecord:
     adapter_hash: str | None
     cache_key: str | None = None
     reused_from: int | None = None  # the generation this output was copied from
+    output_ids: list[int] | None = None  # every generated token (None: not generated, or copied from a row without)
 
 
-#: Looks up cache keys: key -> {"id", "output", "output_tokens", "finish_reason"} of an earlier output.
+#: Looks up cache keys: key -> {"id", "output", "output_tokens", "finish_reason", "output_ids"} of an earlier output.
 CacheLookup = Callable[[list[str]], dict[str, dict[str, Any]]]
 
+#: Bumped whenever what goes into a cache key changes, so that older keys never match.
+CACHE_KEY_VERSION = 2
 
-def cache_key(base_hash: str, adapter_hash: str | None, input_ids: Sequence[int], gen: GenerationConfig) -> str | None:
-    """What determines a greedy output: the weights, the exact prompt tokens and the settings. None
-    when sampling (a sampled output is not reused)."""
+
+def cache_key(model: ModelIdentity, adapter_hash: str | None, input_ids: Sequence[int], gen: GenerationConfig,
+              *, path: str) -> str | None:
+    """What determines a greedy output: the base weights and config, the tokenizer files and generation
+    config (EOS ids), the dtype as resolved, the device type, the generation `path` (`mixed`: one copy of
+    the weights with adapters applied per row; `merged`: each adapter merged in; not bit-identical), the
+    adapter, the exact prompt tokens and the settings. None when sampling (a sampled output is not reused)."""
     if gen.do_sample:
         return None
-    payload = {"base": base_hash, "adapter": adapter_hash, "ids": list(input_ids),
-               "max_new_tokens": gen.max_new_tokens, "stop": list(gen.stop)}
+    payload = {"v": CACHE_KEY_VERSION, "base": model.base_hash, "tokenizer": model.tokenizer_hash,
+               "dtype": model.dtype, "device": model.device, "eos": list(model.eos_ids), "path": path,
+               "adapter": adapter_hash, "ids": list(input_ids), "max_new_tokens": gen.max_new_tokens,
+               "stop": list(gen.stop)}
     return hashlib.sha256(json.dumps(payload, separators=(",", ":")).encode()).hexdigest()
 
 
@@ -85,6 +95,9 @@ def cache_key(base_hash: str, adapter_hash: str | None, input_ids: Sequence[int]
 class ChunkOutcome:
     records: list[OutputRecord]
     generate_seconds: float
+    device: str | None = None  # where it was generated (cpu, cuda:0, ...)
+    dtype: str | None = None  # the weights' dtype as resolved
+    engine: str | None = None  # the exact fallbacks taken instead of the fast path, and why; None: none
 
 
 def run_chunk(
@@ -96,9 +109,11 @@ def run_chunk(
     skip: frozenset[tuple[int, str]] = frozenset(),
     seed: int = 0,
     cached: CacheLookup | None = None,
+    options: DecodeOptions | None = None,
 ) -> ChunkOutcome:
     """Generate and score every (example, variant) of the chunk not in `skip`; outputs that `cached`
-    already knows (same weights, prompt tokens and settings) are reused instead of generated."""
+    already knows (same weights, prompt tokens and settings) are reused instead of generated.
+    `options`: the decode engine's switches (default: every fast path the model allows)."""
     host.ensure_base(config.model.base, dtype=config.model.dtype, trust_remote_code=config.model.trust_remote_code)
     adapters: dict[str, tuple[str | None, str | None]] = {}  # variant -> (PEFT name, adapter hash)
     for variant in variants:
@@ -124,7 +139,10 @@ def run_chunk(
     # Rows that cannot be generated get their reason; the rest of the chunk goes on.
     refused = {k: r for k, r in ((k, _unservable(ex, rows[k], host.max_positions, config)) for k, (ex, _v)
                                  in enumerate(todo)) if r is not None}
-    keys = [cache_key(host.base_hash, adapters[v.name][1], rows[k].input_ids, config.generation)
+    identity = host.identity
+    assert identity is not None  # ensure_base set it
+    path = "mixed" if config.inference.use_peft_directly else "merged"
+    keys = [cache_key(identity, adapters[v.name][1], rows[k].input_ids, config.generation, path=path)
             for k, (_ex, v) in enumerate(todo)]
     hits = cached([k for k in keys if k]) if cached is not None else {}
     reused = {k: hits[key] for k, key in enumerate(keys) if key in hits and k not in refused}
@@ -134,22 +152,25 @@ def run_chunk(
         torch.manual_seed(seed)
     started = time.perf_counter()
     batch = [rows[k] for k in runnable]
+    notes: list[str] = []
     if not batch:
         generated: list[GenResult] = []
     elif config.inference.use_peft_directly:
         generated = generate_mixed(
             host.model, host.tokenizer, batch, config.generation, batch_size=config.inference.batch_size,
-            device=host.device, variants=len(variants),
+            device=host.device, variants=len(variants), options=options, notes=notes,
         )
     else:
         generated = generate_separate(
             host.peft_model, host.tokenizer, batch, config.generation, batch_size=config.inference.batch_size,
-            device=host.device, layers_of=host.adapted_layers,
+            device=host.device, layers_of=host.adapted_layers, options=options, notes=notes,
         )
     elapsed = time.perf_counter() - started
     by_row: dict[int, GenResult] = dict(zip(runnable, generated))
     by_row.update(refused)
-    by_row.update({k: GenResult(h["output"], int(h["output_tokens"]), h["finish_reason"]) for k, h in reused.items()})
+    by_row.update({k: GenResult(h["output"], int(h["output_tokens"]), h["finish_reason"],
+                                None if h.get("output_ids") is None else tuple(h["output_ids"]))
+                   for k, h in reused.items()})
     results = [by_row[k] for k in range(len(rows))]
 
     records = []
@@ -169,9 +190,14 @@ def run_chunk(
                 adapter_hash=adapters[variant.name][1],
                 cache_key=keys[k] if k not in refused else None,
                 reused_from=reused[k]["id"] if k in reused else None,
+                output_ids=None if result.token_ids is None else list(result.token_ids),
             )
         )
-    return ChunkOutcome(records, elapsed)
+    for variant_name, (peft_name, _hash) in adapters.items():  # notes name adapters as the user does
+        if peft_name is not None:
+            notes = [note.replace(peft_name, f"'{variant_name}'") for note in notes]
+    return ChunkOutcome(records, elapsed, device=str(host.device), dtype=identity.dtype,
+                        engine="; ".join(dict.fromkeys(notes)) or None)
 
 
 def _unservable(ex: ChunkExample, row: GenRow, max_positions: int | None, config: RunConfig) -> GenResult | None:
@@ -247,7 +273,7 @@ def process_chunk(
 
     rows = [_row(run_id, chunk_id, worker, r) for r in outcome.records]
     try:
-        _write_outputs(sessions, run_id, chunk_id, rows, outcome.generate_seconds)
+        _write_outputs(sessions, run_id, chunk_id, rows, outcome)
     except RetryableChunkError:
         raise
     except Exception as err:  # noqa: BLE001 - a write that fails for another reason: counted and retried
@@ -263,7 +289,7 @@ def process_chunk(
 
 
 def _write_outputs(
-    sessions: sessionmaker[Session], run_id: int, chunk_id: int, rows: list[dict[str, Any]], seconds: float
+    sessions: sessionmaker[Session], run_id: int, chunk_id: int, rows: list[dict[str, Any]], outcome: ChunkOutcome
 ) -> None:
     """Write the chunk's outputs and mark it done, retrying while the database is unreachable."""
     deadline = time.monotonic() + WRITE_RETRY_BUDGET_S
@@ -272,7 +298,8 @@ def _write_outputs(
         try:
             with sessions.begin() as session:
                 insert_generations(session, rows)
-                complete_chunk(session, run_id, chunk_id, generate_seconds=seconds)
+                complete_chunk(session, run_id, chunk_id, generate_seconds=outcome.generate_seconds,
+                               device=outcome.device, dtype=outcome.dtype, engine=outcome.engine)
             return
         except _TRANSIENT_DB_ERRORS as err:
             if time.monotonic() + delay > deadline:

@@ -16,7 +16,11 @@ What it does that `transformers.generate` over fixed batches does not (each can 
 
 Base and adapter rows share the batch: each adapter's rows are one contiguous range, routed in
 the LoRA layers (`lora_routing`), or PEFT's `adapter_names` where routing does not apply; a model
-with a LoRA variant PEFT cannot mix (DoRA) runs one pass per variant instead.
+whose adapters no batch can mix (DoRA, LoRA on a mixture-of-experts expert) runs one pass per
+variant instead. Which of these paths a call may take is decided once per call by
+`fidelity.plan_decode`, which falls back to an exact path (and says why) wherever a fast one
+cannot be proven equal to plain PEFT: no shared prefix under a short sliding window, and plain
+one-prompt-at-a-time generation for an architecture outside the proven list.
 KV layout (`_RowsLayer`): per decoder layer, the shared prefix once per variant, then the rows' own
 columns in one buffer of `capacity` rows. All rows share one column index per cache position and
 end at the newest column (rows admitted later are padded on the left, masked out; position ids
@@ -34,7 +38,6 @@ import inspect
 import types
 import warnings
 from collections.abc import Sequence
-from contextlib import nullcontext
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from typing import Any
@@ -46,7 +49,9 @@ from transformers.cache_utils import DynamicLayer
 
 from producer.config import GenerationConfig
 
-from . import lora_routing
+from . import lora_routing, plain
+from .fidelity import DecodePlan, plan_decode
+from .plain import ends_in_stop, generate_plain
 
 # transformers 5.x renames `past_key_values` to `cache` (before 5.40); older releases only know the
 # old name, which we keep so that the whole supported range works, without the warning in every run.
@@ -429,16 +434,23 @@ def decode_rows(
     options: DecodeOptions,
     adapter_names: Sequence[str] | None = None,
     tokenizer: Any = None,
+    plan: DecodePlan | None = None,
 ) -> list[list[int]]:
     """New tokens of each prompt (EOS included when hit), the prompt run through `adapter_names[i]`
-    (PEFT's mixed batch; None: whatever the model is now). `tokenizer` is needed for stop strings."""
+    (PEFT's mixed batch; None: whatever the model is now). `tokenizer` is needed for stop strings.
+    `plan`: the paths to take (`fidelity.plan_decode` of these arguments when not given)."""
     if gen.stop and tokenizer is None:
         raise ValueError("stop strings need the tokenizer")
     if not prompts:
         return []
     names = list(adapter_names) if adapter_names is not None else None
-    if names is not None and not (options.route_lora and lora_routing.routable(model)) \
-            and lora_routing.has_variant(model):
+    if plan is None:
+        plan = plan_decode(model, prompts, gen, options, names)
+    if plan.plain:
+        return generate_plain(model, prompts, gen, names=names, eos_ids=eos_ids, pad_id=pad_id, device=device,
+                              tokenizer=tokenizer)
+    options = plan.options
+    if names is not None and plan.mixing == "per_variant":
         return _pass_per_variant(model, prompts, gen, names, eos_ids=eos_ids, pad_id=pad_id, device=device,
                                  options=options, tokenizer=tokenizer)
     pad = options.pad_output_rows and device.type == "cpu"
@@ -470,7 +482,6 @@ def _stream(model: Any, prompts: Sequence[Sequence[int]], gen: GenerationConfig,
     waiting = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     capacity = max(1, options.capacity)
     threshold = max(1, int(capacity * options.refill_fraction)) if options.refill else capacity
-    window = max((len(s) for s in gen.stop), default=0) + 2  # tokens that can hold a just-completed stop string
     batch: _Batch | None = None
     scratch = _Scratch()
     while waiting or batch is not None:
@@ -495,10 +506,8 @@ def _stream(model: Any, prompts: Sequence[Sequence[int]], gen: GenerationConfig,
             tokens[row].append(token)
             if token in eos_ids or len(tokens[row]) >= gen.max_new_tokens:
                 continue
-            if gen.stop:
-                tail = tokenizer.decode(tokens[row][-window:], skip_special_tokens=True)
-                if any(stop in tail for stop in gen.stop):
-                    continue
+            if gen.stop and ends_in_stop(tokenizer, tokens[row], gen.stop):
+                continue
             keep.append(slot)
         if not keep:
             batch = None
@@ -517,14 +526,9 @@ def _pass_per_variant(model: Any, prompts: Sequence[Sequence[int]], gen: Generat
     variants = sorted(set(names))
     per_pass = replace(options, capacity=max(1, options.capacity // len(variants)))
     tokens: list[list[int]] = [[] for _ in prompts]
-    for variant in variants:
-        rows = [i for i, name in enumerate(names) if name == variant]
-        if variant == lora_routing.BASE:
-            context: Any = model.disable_adapter()
-        else:
-            model.set_adapter(variant)
-            context = nullcontext()
-        with context:
+    for name in variants:
+        rows = [i for i, row_name in enumerate(names) if row_name == name]
+        with plain.variant(model, name):
             done = decode_rows(model, [prompts[i] for i in rows], gen, eos_ids=eos_ids, pad_id=pad_id, device=device,
                                options=per_pass, tokenizer=tokenizer)
         for i, new in zip(rows, done):

@@ -1,4 +1,5 @@
-"""Errors raised by the worker, split into those worth retrying and those that fail a chunk now."""
+"""Errors raised by the worker: a chunk's, split into those worth retrying and those that fail it now;
+`verify`'s refusals."""
 
 from __future__ import annotations
 
@@ -17,3 +18,7 @@ class ModelLoadError(FatalChunkError):
 
 class RetryableChunkError(WorkerError):
     """A passing fault (database, broker, out of memory once); the chunk is tried again."""
+
+
+class VerifyError(WorkerError):
+    """`verify` cannot regenerate the run as asked (sampled outputs, no GPU here, changed model files)."""

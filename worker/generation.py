@@ -25,6 +25,7 @@ from producer.config import GenerationConfig
 
 from . import lora_routing
 from .decoding import DecodeOptions, decode_rows
+from .fidelity import plan_decode
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +43,11 @@ class GenResult:
     text: str
     output_tokens: int
     finish_reason: str  # eos | stop | length
+    token_ids: tuple[int, ...] | None = None  # every generated token, EOS included when hit; None: not known
 
 
-def _eos_ids(model: Any, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+def eos_ids(model: Any, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    """The token ids that end a row: the generation config's EOS ids and the tokenizer's."""
     eos = getattr(model.generation_config, "eos_token_id", None)
     ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
     if tokenizer.eos_token_id is not None:
@@ -64,9 +67,10 @@ def finish(
             break
     text = str(tokenizer.decode(tokens, skip_special_tokens=True))
     cut = min((pos for pos in (text.find(s) for s in stop) if pos >= 0), default=-1)
+    generated = tuple(new_tokens)
     if cut >= 0:
-        return GenResult(text[:cut], len(tokens), "stop")
-    return GenResult(text, len(tokens), "eos" if ended_by_eos else "length")
+        return GenResult(text[:cut], len(tokens), "stop", generated)
+    return GenResult(text, len(tokens), "eos" if ended_by_eos else "length", generated)
 
 
 def _generate(
@@ -79,13 +83,20 @@ def _generate(
     capacity: int,
     device: torch.device,
     options: DecodeOptions | None = None,
+    notes: list[str] | None = None,
 ) -> list[GenResult]:
-    eos_ids = _eos_ids(model, tokenizer)
+    ends = eos_ids(model, tokenizer)
     names = [r.adapter or lora_routing.BASE for r in rows] if mixed else None
     chosen = replace(options, capacity=capacity) if options is not None else DecodeOptions(capacity=capacity)
-    new = decode_rows(model, [r.input_ids for r in rows], gen, eos_ids=eos_ids, pad_id=tokenizer.pad_token_id,
-                      device=device, options=chosen, adapter_names=names, tokenizer=tokenizer)
-    return [finish(tokenizer, row, eos_ids=eos_ids, stop=gen.stop) for row in new]
+    prompts = [r.input_ids for r in rows]
+    plan = plan_decode(model, prompts, gen, chosen, names)
+    for note in plan.notes:
+        log.warning("exact fallback: %s", note)
+        if notes is not None and note not in notes:
+            notes.append(note)
+    new = decode_rows(model, prompts, gen, eos_ids=ends, pad_id=tokenizer.pad_token_id, device=device,
+                      options=chosen, adapter_names=names, tokenizer=tokenizer, plan=plan)
+    return [finish(tokenizer, row, eos_ids=ends, stop=gen.stop) for row in new]
 
 
 def generate_mixed(
@@ -98,27 +109,53 @@ def generate_mixed(
     device: torch.device,
     variants: int | None = None,
     options: DecodeOptions | None = None,
+    notes: list[str] | None = None,
 ) -> list[GenResult]:
     """All rows, base and adapters together: up to `batch_size` prompts' worth of rows, each prompt
     with all its `variants` (default: the distinct adapters among `rows`), in the batch at once. A
-    run whose base rows come from the cache thus still fills the batch with adapter rows."""
+    run whose base rows come from the cache thus still fills the batch with adapter rows. `notes`
+    collects the exact fallbacks taken instead of a fast path (see `fidelity`)."""
     variants = variants or len({r.adapter for r in rows}) or 1
     return _generate(model, tokenizer, rows, gen, mixed=True, capacity=batch_size * variants, device=device,
-                     options=options)
+                     options=options, notes=notes)
+
+
+def unmergeable(peft_model: Any, layers: Sequence[Any], adapter: str) -> str | None:
+    """Why merging `adapter` into these layers would not give the unmerged adapter's outputs, or None:
+    a layer whose weight is tied to another module (a tied LM head and embedding: merging changes
+    both), or `lora_bias` on a layer without a bias of its own (PEFT cannot merge it)."""
+    uses: dict[int, int] = {}
+    for _name, param in peft_model.named_parameters(remove_duplicate=False):
+        uses[id(param)] = uses.get(id(param), 0) + 1
+    for layer in layers:
+        base = layer.get_base_layer()
+        if uses.get(id(base.weight), 0) > 1:
+            return f"its LoRA on a weight tied to another module ({type(base).__name__}) cannot be merged alone"
+        if getattr(layer, "lora_bias", {}).get(adapter) and getattr(base, "bias", None) is None:
+            return "its lora_bias sits on a layer without a bias, which PEFT cannot merge"
+    return None
 
 
 @contextmanager
-def merged(host_layers: Sequence[Any], adapter: str) -> Iterator[None]:
-    """Merge `adapter` into the base weights for the block, then restore the originals bit for bit."""
-    originals = [layer.get_base_layer().weight.detach().clone() for layer in host_layers]
-    for layer in host_layers:
-        layer.merge(adapter_names=[adapter])
+def merged(peft_model: Any, layers: Sequence[Any], adapter: str) -> Iterator[str | None]:
+    """Merge `adapter` into the base weights for the block, then restore the originals (weights and
+    biases) bit for bit. Yields None, or why the adapter runs unmerged instead (weights untouched)."""
+    reason = unmergeable(peft_model, layers, adapter)
+    if reason is not None:
+        yield reason
+        return
+    originals = [{name: p.detach().clone() for name, p in layer.get_base_layer().named_parameters(recurse=False)}
+                 for layer in layers]
     try:
-        yield
+        for layer in layers:
+            layer.merge(adapter_names=[adapter])
+        yield None
     finally:
-        for layer, weight in zip(host_layers, originals):
-            layer.unmerge()
-            layer.get_base_layer().weight.data.copy_(weight)
+        for layer, saved in zip(layers, originals):
+            while layer.merged:
+                layer.unmerge()
+            for name, param in layer.get_base_layer().named_parameters(recurse=False):
+                param.data.copy_(saved[name])
 
 
 def generate_separate(
@@ -131,6 +168,7 @@ def generate_separate(
     device: torch.device,
     layers_of: Any,
     options: DecodeOptions | None = None,
+    notes: list[str] | None = None,
 ) -> list[GenResult]:
     """One pass per variant: base with adapters disabled, then each adapter merged in turn.
 
@@ -145,10 +183,13 @@ def generate_separate(
             context: Any = peft_model.disable_adapter()
         else:
             peft_model.set_adapter(adapter)  # layers this adapter does not touch then add nothing
-            context = merged(layers_of(adapter), adapter)
-        with context:
+            context = merged(peft_model, layers_of(adapter), adapter)
+        with context as unmerged:
+            if unmerged is not None and notes is not None:
+                log.warning("exact fallback: adapter %s runs unmerged: %s", adapter, unmerged)
+                notes.append(f"adapter {adapter} runs unmerged in merged mode: {unmerged}")
             outs = _generate(peft_model, tokenizer, [rows[i] for i in indices], gen, mixed=False,
-                             capacity=batch_size, device=device, options=options)
+                             capacity=batch_size, device=device, options=options, notes=notes)
         for i, result in zip(indices, outs):
             results[i] = result
     return [r for r in results if r is not None]

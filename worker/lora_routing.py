@@ -10,9 +10,15 @@ the base layer's output, then adds `lora_B(lora_A(x[start:end])) * scaling` to t
 the same operations on the same values as PEFT's mixed batch, without the copies. Outside `route`
 the layers behave exactly as PEFT's (generation with `disable_adapter()`, merging, training).
 
-Only plain LoRA on `nn.Linear` is routed; a model with another kind of LoRA layer (embedding, conv,
-quantized) or an adapter with a LoRA variant (DoRA, aLoRA) is reported as not routable, and the
-decode loop then passes `adapter_names` to PEFT as before.
+Routed: plain LoRA on `nn.Linear` (and GPT-2's `Conv1D`), and `modules_to_save` (each row range
+through its adapter's saved copy of the module, or the original where that adapter saves none).
+The slicing is right only where a layer's input is one row per sequence, `[rows, tokens, ...]`;
+`install` proves that with one probe forward pass (3 rows of 5 tokens) and every routed call checks
+the row count again. `mixing(model)` says how a model's rows may share a batch, and why not:
+- `routed`: every adapter layer is routable and its input is one row per sequence;
+- `peft`: PEFT's own `adapter_names` can mix them (other LoRA layer kinds: embedding, conv);
+- `per_variant`: neither can (DoRA and other LoRA variants, a LoRA layer whose input is flattened
+  tokens such as a mixture-of-experts shared expert, a wrapper PEFT cannot mix): one pass per variant.
 """
 
 from __future__ import annotations
@@ -21,7 +27,8 @@ import types
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
 
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -29,7 +36,7 @@ import torch.nn.functional as F  # noqa: N812
 #: (adapter name, first row, end row) of the batch in the forward pass under way; None: not routed.
 _ROUTE: ContextVar[tuple[tuple[str, int, int], ...] | None] = ContextVar("lora_route", default=None)
 
-_FLAG = "_lora_compare_routable"
+_FLAG = "_lora_compare_mixing"
 
 #: PEFT's name for "no adapter" in a mixed batch.
 BASE = "__base__"
@@ -41,6 +48,7 @@ def _routed_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> to
     segments = _ROUTE.get()
     if segments is None:
         return type(self).forward(self, x, *args, **kwargs)
+    _check_rows(x, segments)
     result = self.base_layer(x, *args, **kwargs)
     for name, start, end in segments:
         if name not in self.lora_A:  # "__base__", or an adapter that leaves this layer alone
@@ -52,32 +60,136 @@ def _routed_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> to
     return result
 
 
-def install(model: Any) -> bool:
-    """Route every LoRA layer of the PeftModel `model`, if all of them can be; returns whether they
-    are. Call again after loading an adapter (it may wrap new layers or bring a variant)."""
-    from peft.tuners.lora import Linear as LoraLinear
-    from peft.tuners.lora import LoraLayer
+def _routed_saved_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """`modules_to_save`: each row range through its adapter's copy of the module, else the original."""
+    segments = _ROUTE.get()
+    if segments is None:
+        return type(self).forward(self, x, *args, **kwargs)
+    _check_rows(x, segments)
+    saved = self.modules_to_save
+    if not any(name in saved for name, _, _ in segments):
+        return self.original_module(x, *args, **kwargs)
+    parts = [(saved[name] if name in saved else self.original_module)(x[start:end], *args, **kwargs)
+             for name, start, end in segments]
+    return torch.cat(parts)
 
-    layers: list[Any] = [m for m in model.modules() if isinstance(m, LoraLayer)]
-    routable = bool(layers) and all(type(m) is LoraLinear and not _uses_variant(m) for m in layers)
-    if routable:
-        for layer in layers:
+
+def _check_rows(x: torch.Tensor, segments: tuple[tuple[str, int, int], ...]) -> None:
+    rows = segments[-1][2] if segments else 0
+    if x.shape[0] != rows:  # `install`'s probe makes this unreachable; never slice the wrong rows silently
+        raise RuntimeError(f"routed LoRA: a layer got {x.shape[0]} rows for a batch of {rows}")
+
+
+Mixing = Literal["routed", "peft", "per_variant"]
+
+
+@dataclass(frozen=True)
+class MixingVerdict:
+    """How base and adapter rows of a model may share one forward pass, and why not the fastest way."""
+
+    mode: Mixing
+    reason: str | None = None  # why not `routed`, in words for the log and `status`
+    #: Whether PEFT's `adapter_names` could mix these layers too (when routing is switched off).
+    peft_can_mix: bool = False
+
+
+#: The probe's shape: rows and tokens that no reshape of the batch leaves in place by chance.
+_PROBE_ROWS, _PROBE_TOKENS = 3, 5
+
+
+def install(model: Any) -> bool:
+    """Decide how the PeftModel `model` mixes adapters in a batch (`mixing`), and route its adapter
+    layers if they all can be; returns whether they are routed. Call again after loading an adapter
+    (it may wrap new layers or bring a variant)."""
+    verdict = _judge(model)
+    if verdict.mode == "routed":
+        from peft.utils.other import ModulesToSaveWrapper
+
+        for layer in _adapter_layers(model).values():
             if "forward" not in vars(layer):
-                layer.forward = types.MethodType(_routed_forward, layer)
-    setattr(model, _FLAG, routable)
-    return routable
+                routed = _routed_saved_forward if isinstance(layer, ModulesToSaveWrapper) else _routed_forward
+                layer.forward = types.MethodType(routed, layer)
+    setattr(model, _FLAG, verdict)
+    return verdict.mode == "routed"
+
+
+def mixing(model: Any) -> MixingVerdict:
+    """What `install` decided for `model` (a model it never saw mixes nothing: one pass per variant)."""
+    verdict = getattr(model, _FLAG, None)
+    return verdict if isinstance(verdict, MixingVerdict) else MixingVerdict("per_variant", "adapters not inspected")
 
 
 def routable(model: Any) -> bool:
-    return bool(getattr(model, _FLAG, False))
+    return mixing(model).mode == "routed"
 
 
-def has_variant(model: Any) -> bool:
-    """Whether an adapter of `model` uses a LoRA variant (DoRA...), which PEFT refuses to mix with
-    other adapters in one batch."""
+def _adapter_layers(model: Any) -> dict[str, Any]:
+    """Every module an adapter changes: PEFT tuner layers and auxiliary wrappers (modules_to_save...)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    return {name.removeprefix("base_model.model."): m for name, m in model.named_modules()
+            if isinstance(m, (BaseTunerLayer, AuxiliaryTrainingWrapper))}
+
+
+def _judge(model: Any) -> MixingVerdict:
+    from peft.tuners.lora import Linear as LoraLinear
     from peft.tuners.lora import LoraLayer
+    from peft.utils.other import ModulesToSaveWrapper
 
-    return any(_uses_variant(m) for m in model.modules() if isinstance(m, LoraLayer))
+    layers = _adapter_layers(model)
+    if not layers:
+        return MixingVerdict("per_variant", "no adapter layers")
+    for name, layer in layers.items():
+        if isinstance(layer, LoraLayer) and _uses_variant(layer):
+            return MixingVerdict("per_variant", f"a LoRA variant (DoRA or another) on {name}, which no batch can mix")
+        if not isinstance(layer, (LoraLayer, ModulesToSaveWrapper)):
+            return MixingVerdict("per_variant", f"{name} is a {type(layer).__name__}, which no batch can mix")
+    odd = _not_one_row_per_sequence(model, layers)
+    if odd is not None:
+        return MixingVerdict("per_variant", odd)
+    unroutable = [name for name, layer in layers.items()
+                  if not (type(layer) is LoraLinear or type(layer) is ModulesToSaveWrapper)]
+    saves = any(isinstance(layer, ModulesToSaveWrapper) for layer in layers.values())
+    if not unroutable:
+        return MixingVerdict("routed", peft_can_mix=not saves)
+    if saves:
+        return MixingVerdict("per_variant", f"modules_to_save beside {type(layers[unroutable[0]]).__name__} "
+                                            f"({unroutable[0]}), which PEFT cannot mix in one batch")
+    return MixingVerdict("peft", f"{unroutable[0]} is a LoRA layer of kind {type(layers[unroutable[0]]).__name__}, "
+                                 "mixed by PEFT's adapter_names (more slowly)", peft_can_mix=True)
+
+
+def _not_one_row_per_sequence(model: Any, layers: dict[str, Any]) -> str | None:
+    """None when one forward pass of 3 rows of 5 tokens hands every adapter layer an input whose
+    first two dimensions are (3, 5); else which layer does not get that, and what it gets."""
+    seen: dict[str, tuple[int, ...]] = {}
+
+    def record(name: str) -> Any:
+        def hook(_module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+            if tensors and name not in seen:
+                seen[name] = tuple(tensors[0].shape)
+        return hook
+
+    handles = [layer.register_forward_pre_hook(record(name), with_kwargs=True) for name, layer in layers.items()]
+    try:
+        device = next(model.parameters()).device
+        vocab = int(model.get_input_embeddings().weight.shape[0])
+        ids = (torch.arange(_PROBE_ROWS * _PROBE_TOKENS, device=device) * 7919 % vocab).view(_PROBE_ROWS, -1)
+        with torch.inference_mode(), model.disable_adapter():
+            model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for name in layers:
+        shape = seen.get(name)
+        if shape is None:
+            return f"{name} takes no part in a forward pass of every row (a routed expert?)"
+        if tuple(shape[:2]) != (_PROBE_ROWS, _PROBE_TOKENS):
+            return (f"{name} gets an input of shape {list(shape)} for {_PROBE_ROWS} rows of {_PROBE_TOKENS} tokens, "
+                    "not one row per sequence")
+    return None
 
 
 def _uses_variant(layer: Any) -> bool:

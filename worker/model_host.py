@@ -28,6 +28,7 @@ from producer.settings import Settings
 from . import lora_routing
 from .demo_model import prepare_demo_model
 from .errors import ModelLoadError
+from .generation import eos_ids
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,23 @@ class BaseKey:
     trust_remote_code: bool
 
 
+#: Files of a model folder besides config.json and the weights that change what it generates or how
+#: its tokens read: the tokenizer, its chat template, the generation config (EOS ids).
+_TOKENIZER_FILES = ("tokenizer*.json", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt",
+                    "*.model", "chat_template.*", "generation_config.json")
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """Everything about the resident base model that changes an output (the generation cache's key)."""
+
+    base_hash: str  # config.json and the weights
+    tokenizer_hash: str  # `_TOKENIZER_FILES`
+    dtype: str  # as resolved: float32, bfloat16, float16
+    device: str  # cpu, cuda: kernels differ
+    eos_ids: tuple[int, ...]  # as resolved from the generation config and tokenizer
+
+
 @dataclass
 class HostStats:
     """Counters the tests and logs read: loads prove that warm workers do not reload."""
@@ -85,6 +103,7 @@ class ModelHost:
         self._tokenizer: PreTrainedTokenizerBase | None = None
         self._adapters: OrderedDict[str, str] = OrderedDict()  # adapter hash -> PEFT adapter name
         self.base_hash: str = ""
+        self.identity: ModelIdentity | None = None
 
     # --- base model ---------------------------------------------------------------------------
 
@@ -140,6 +159,12 @@ class ModelHost:
             tokenizer.pad_token = tokenizer.eos_token
         self._model, self._tokenizer, self._key = model, tokenizer, key
         self.base_hash = files_sha256([folder / "config.json", *weights])
+        tokenizer_files = sorted({f for pattern in _TOKENIZER_FILES for f in folder.glob(pattern) if f.is_file()})
+        self.identity = ModelIdentity(
+            base_hash=self.base_hash, tokenizer_hash=files_sha256(tokenizer_files),
+            dtype=str(torch_dtype).removeprefix("torch."), device=self.device.type,
+            eos_ids=tuple(sorted(eos_ids(model, tokenizer))),
+        )
         self.stats.base_loads += 1
 
     def unload(self) -> None:
