@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from db.outputs import cached_outputs, done_pairs, insert_generations
 from db.runs import chunk_examples, claim_chunk, complete_chunk, fail_chunk, get_run, run_variants
 from producer.config import GenerationConfig, RunConfig
+from producer.errors import ConfigError
 
 from .decoding import DecodeOptions
 from .errors import FatalChunkError, RetryableChunkError
@@ -234,21 +235,29 @@ def process_chunk(
     Raises RetryableChunkError when the database is unreachable (the message should be retried).
     """
     try:
-        with sessions.begin() as session:
+        with sessions.begin() as session:  # the claim is committed on its own, before anything can fail
             claim = claim_chunk(session, run_id, chunk_id, worker=worker, max_attempts=max_attempts)
             if claim is None:
                 if get_run(session, run_id) is None:
                     log.error("rejected a chunk message for run %s, which does not exist", run_id)
                     return "rejected"
                 return "skipped"
+        with sessions() as session:
             run = get_run(session, run_id)
             assert run is not None
-            config = RunConfig.from_dict(run.config)
             variants = [VariantSpec(v.name, v.adapter_path) for v in run_variants(session, run_id)]
             examples = [ChunkExample(e.idx, e.prompt, e.reference) for e in chunk_examples(session, run_id, chunk_id)]
             skip = frozenset(done_pairs(session, run_id, claim.start_idx, claim.end_idx))
+            stored = run.config
     except _TRANSIENT_DB_ERRORS as err:
         raise RetryableChunkError(f"database unreachable: {err}") from err
+    try:
+        config = RunConfig.from_dict(stored)
+    except ConfigError as err:  # e.g. a key from a newer producer: no attempt can do better
+        log.error("run %s chunk %s: the run's stored config is unusable: %s", run_id, chunk_id, err)
+        _record_failure(sessions, run_id, chunk_id, f"the run's stored config cannot be used by this worker "
+                        f"(upgrade the worker if the run was submitted by a newer lora-compare): {err}", final=True)
+        return "failed"
 
     log.info("run %s chunk %s attempt %s: %d examples x %d variants", run_id, chunk_id, claim.attempt,
              len(examples), len(variants))
