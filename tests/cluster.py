@@ -10,13 +10,12 @@ import socket
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 from sqlalchemy import text
 
 from db.engine import make_engine
+from tests.waiting import wait_until
 
 LORA = [sys.executable, "-c", "from producer.cli import main; main()"]
 
@@ -25,15 +24,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.2) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def lora(db_url: str, broker_url: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -66,7 +56,7 @@ class Worker:
         return self
 
     def wait_ready(self, timeout: float = 60) -> Worker:
-        wait_for(lambda: self.log().count(f"{self.name} ready.") >= self.starts, timeout, f"worker {self.name}")
+        wait_until(lambda: self.log().count(f"{self.name} ready.") >= self.starts, timeout, f"worker {self.name}")
         return self
 
     def log(self) -> str:
@@ -109,7 +99,7 @@ class RedisServer:
              "--appendfsync", "always", "--save", ""],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
-        wait_for(self._answers, 20, "redis to start")
+        wait_until(self._answers, 20, "redis to start")
         return self
 
     def _answers(self) -> bool:

@@ -101,17 +101,73 @@ def test_the_rows_really_differ(tiny: dict[str, Any]) -> None:
     assert sum(reference[i] != reference[i + 1] for i in range(0, len(reference), 3)) >= 5
 
 
-def test_a_batch_without_adapters_and_with_sampling_runs(tiny: dict[str, Any]) -> None:
+def test_a_batch_without_adapters_samples_reproducibly_from_its_seed(tiny: dict[str, Any]) -> None:
+    """Sampling draws from torch's generator: the same seed gives the same tokens, another seed others;
+    a nucleus that holds only the most likely token gives the greedy tokens back."""
     prompts = [p for p, n in tiny["rows"] if n == "__base__"]
+
+    def decode(gen: GenerationConfig, seed: int = 0) -> list[list[int]]:
+        torch.manual_seed(seed)
+        return decode_rows(tiny["model"], prompts, gen, eos_ids=EOS, pad_id=0, device=torch.device("cpu"),
+                           options=DecodeOptions(capacity=4))
+
+    sampling = GenerationConfig(max_new_tokens=NEW_TOKENS, do_sample=True, temperature=0.8, top_p=0.9)
     with tiny["model"].disable_adapter():
-        greedy = decode_rows(tiny["model"], prompts, GenerationConfig(max_new_tokens=NEW_TOKENS), eos_ids=EOS,
-                             pad_id=0, device=torch.device("cpu"), options=DecodeOptions(capacity=4))
-        torch.manual_seed(0)
-        sampled = decode_rows(tiny["model"], prompts, GenerationConfig(max_new_tokens=NEW_TOKENS, do_sample=True,
-                                                                       temperature=0.8, top_p=0.9),
-                              eos_ids=EOS, pad_id=0, device=torch.device("cpu"), options=DecodeOptions(capacity=4))
+        greedy = decode(GenerationConfig(max_new_tokens=NEW_TOKENS))
+        sampled, again, other = decode(sampling, seed=0), decode(sampling, seed=0), decode(sampling, seed=1)
+        narrow = decode(replace(sampling, top_p=1e-6), seed=2)
     assert greedy == [r for r, (_, n) in zip(tiny["reference"], tiny["rows"]) if n == "__base__"]
     assert all(1 <= len(s) <= NEW_TOKENS for s in sampled)
+    assert sampled == again
+    assert sampled != other
+    assert sampled != greedy
+    assert narrow == greedy
+
+
+def _shuffled_logits(probs: list[float], rows: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits [rows, len(probs)] whose softmax is `probs`, put at positions shuffled per row, and the
+    positions [rows, len(probs)] where `probs[k]` went in each row."""
+    gen = torch.Generator().manual_seed(seed)
+    where = torch.stack([torch.randperm(len(probs), generator=gen) for _ in range(rows)])  # [rows, vocab]
+    logits = torch.empty(rows, len(probs)).scatter_(1, where, torch.tensor(probs).log().expand(rows, -1))
+    return logits, where
+
+
+NUCLEUS_PROBS = [0.5, 0.3, 0.15, 0.05]
+
+
+@pytest.mark.parametrize(("top_p", "nucleus"), [(0.7, 2), (0.85, 3), (1.0, 4)])
+def test_top_p_samples_only_from_the_nucleus_in_proportion(top_p: float, nucleus: int) -> None:
+    """Probabilities 0.5, 0.3, 0.15, 0.05: top-p keeps the most likely tokens until their sum reaches
+    top_p (0.7: two tokens, 0.85: three), renormalised; 4000 draws hit every kept token and no other."""
+    from worker.decoding import _sample
+
+    draws = 4000
+    logits, where = _shuffled_logits(NUCLEUS_PROBS, draws, seed=5)
+    torch.manual_seed(0)
+    chosen = _sample(logits, GenerationConfig(do_sample=True, top_p=top_p))  # [draws]
+    rank = (where == chosen[:, None]).int().argmax(dim=1)  # [draws]: which of NUCLEUS_PROBS was drawn
+    counts = torch.bincount(rank, minlength=len(NUCLEUS_PROBS)).tolist()
+    assert all(c > 0 for c in counts[:nucleus]) and all(c == 0 for c in counts[nucleus:]), counts
+    kept = sum(NUCLEUS_PROBS[:nucleus])
+    for k in range(nucleus):
+        assert abs(counts[k] / draws - NUCLEUS_PROBS[k] / kept) < 0.03, (k, counts)
+
+
+@pytest.mark.parametrize("gen", [GenerationConfig(do_sample=True, top_p=1e-6),
+                                 GenerationConfig(do_sample=True, temperature=1e-4),
+                                 GenerationConfig(do_sample=False, temperature=5.0, top_p=0.5)],
+                         ids=["tiny top_p", "tiny temperature", "greedy"])
+def test_sampling_that_leaves_one_token_is_the_argmax(gen: GenerationConfig) -> None:
+    """Logits 0.01 apart: at temperature 1e-4 the runner-up has probability e^-100 of the winner."""
+    from worker.decoding import _sample
+
+    rows, vocab = 500, 50
+    rng = torch.Generator().manual_seed(7)
+    logits = torch.stack([torch.randperm(vocab, generator=rng) for _ in range(rows)]).float() * 0.01
+    torch.manual_seed(0)
+    assert torch.equal(_sample(logits, gen), logits.argmax(dim=-1))
+    assert len(set(logits.argmax(dim=-1).tolist())) > vocab // 2  # the winner moves: not one token every time
 
 
 def test_common_prefix_leaves_every_prompt_a_token() -> None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from producer.config import ScoringConfig
-from worker.scoring import extract, last_number, score
+from worker.scoring import Score, extract, last_number, score
 
 
 @pytest.mark.parametrize(
@@ -26,7 +26,7 @@ def test_exact_contains_numeric() -> None:
     assert score("paris", "Paris", ScoringConfig(match="exact")).correct is False
     assert score("It is Paris, France", "Paris", ScoringConfig(match="contains")).correct is True
     numeric = ScoringConfig(match="numeric")
-    assert score("23 + 41 = 64", "64", numeric) == score("64.0", "64", numeric).__class__("64", True)
+    assert score("23 + 41 = 64", "64", numeric) == Score("64", True)
     assert score("23 + 41 = 66", "64", numeric).correct is False
     assert score("I don't know", "64", numeric).prediction is None
     assert score("I don't know", "64", numeric).correct is False
@@ -47,9 +47,39 @@ def test_squad_normalisation() -> None:
                  ScoringConfig(match="contains", normalize=True)).correct is True
 
 
+@pytest.mark.parametrize(
+    ("output", "reference", "prediction"),
+    [
+        ("64.0", "64", "64.0"),
+        ("The answer is 64.00.", "64", "64.00"),
+        ("064", "64", "064"),
+        ("+64", "64", "64"),
+        ("1e3", "1000", "1e3"),
+        ("1,000", "1000", "1000"),
+        ("1000", "1,000", "1000"),
+        ("0.1 + 0.2 = 0.30000000000000004", "0.3", "0.30000000000000004"),  # float printing
+    ],
+)
+def test_numeric_compares_values_not_strings(output: str, reference: str, prediction: str) -> None:
+    """Each pair means one number written two ways. Comparing the extracted strings would fail the rows with a
+    decimal point, a leading zero, an exponent or float printing; the sign and thousands rows check that the
+    extraction normalises them."""
+    assert score(output, reference, ScoringConfig(match="numeric")) == Score(prediction, True)
+
+
+@pytest.mark.parametrize(("output", "reference"), [("-64", "64"), ("64.5", "64"), ("640", "64"), ("6.4", "64")])
+def test_numeric_tells_different_numbers_apart(output: str, reference: str) -> None:
+    assert score(output, reference, ScoringConfig(match="numeric")).correct is False
+
+
 def test_numeric_tolerance() -> None:
     assert score("about 3.14", "3.14159", ScoringConfig(match="numeric", tolerance=0.01)).correct is True
     assert score("about 3.14", "3.14159", ScoringConfig(match="numeric")).correct is False
+    half = ScoringConfig(match="numeric", tolerance=0.5)
+    assert score("64.4", "64", half) == Score("64.4", True)
+    assert score("63.6", "64", half) == Score("63.6", True)
+    assert score("64.6", "64", half) == Score("64.6", False)
+    assert score("1,000.4", "1000", half) == Score("1000.4", True)
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 import uuid
 from pathlib import Path
 
@@ -17,8 +16,9 @@ from db.migrate import upgrade
 from db.readonly import QueryError, run_readonly
 from db.runs import NewExample, NewVariant, create_run
 from producer.cli import cli
-from tests.cluster import Worker, lora, scalar, wait_for
+from tests.cluster import Worker, lora, scalar
 from tests.conftest import write_arith_dataset
+from tests.waiting import wait_until
 
 
 def _seeded(url: str) -> None:
@@ -145,21 +145,25 @@ generation: {{max_new_tokens: 4}}
 """)
         result = lora(pg_url, redis_url, "submit", str(config), "--queue", queue)
         run_id = int(result.stdout.strip().splitlines()[-1])
-        wait_for(lambda: scalar(pg_url, "SELECT status FROM runs WHERE id = :r", r=run_id) == "completed", 120,
-                 "the valid run")
-        time.sleep(2)
+        wait_until(lambda: scalar(pg_url, "SELECT status FROM runs WHERE id = :r", r=run_id) == "completed", 120,
+                   "the valid run")
+        import redis
+
+        client = redis.Redis.from_url(redis_url)
+
+        def unacked_here() -> list[dict[str, object]]:
+            unacked = [json.loads(v)[0] for v in client.hvals("unacked")]
+            return [m for m in unacked if m.get("properties", {}).get("delivery_info", {}).get("routing_key") == queue]
+
+        # The worker logs each refusal before it acknowledges the message: once none is left, all were answered.
+        wait_until(lambda: client.llen(queue) == 0 and not unacked_here(), 30,
+                   "every message to be acknowledged (nothing left to be redelivered)")
         assert not marker.exists(), "a pickle was unpickled"
         log = worker.log()
         assert "pickle" in log.lower()  # refused content type, logged
         assert "rejected a malformed chunk message" in log
         assert "rejected a chunk message for run 123456, which does not exist" in log
         assert worker.alive
-        import redis
-
-        client = redis.Redis.from_url(redis_url)
-        assert client.llen(queue) == 0  # nothing left to be redelivered
-        unacked = [json.loads(v)[0] for v in client.hvals("unacked")]
-        assert not [m for m in unacked if m.get("properties", {}).get("delivery_info", {}).get("routing_key") == queue]
     finally:
         worker.stop()
 
