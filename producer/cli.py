@@ -93,11 +93,44 @@ def _errors(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+#: Group options a user may also give after the subcommand (`lora-compare sql "..." --database-url X`).
+_ANYWHERE = ("--database-url", "--broker-url")
+
+
+def _hoist(args: list[str], names: tuple[str, ...] = _ANYWHERE) -> list[str]:
+    """`args` with every `NAME VALUE` / `NAME=VALUE` of `names` moved to the front, where the group
+    parses it; nothing after a `--` is touched."""
+    front: list[str] = []
+    rest: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--":
+            rest.extend(args[i:])
+            break
+        if arg.split("=", 1)[0] in names and ("=" in arg or i + 1 < len(args)):
+            taken = 1 if "=" in arg else 2
+            front.extend(args[i:i + taken])
+            i += taken
+            continue
+        rest.append(arg)
+        i += 1
+    return front + rest
+
+
+class _Group(click.Group):
+    """A group whose connection options are accepted before or after the subcommand (DESIGN.md)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, _hoist(list(args)))
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--database-url", envvar="LORA_COMPARE_DATABASE_URL", default=DEFAULT_DATABASE_URL,
-              show_default=True, help="SQLAlchemy URL: sqlite:///file.db or postgresql://user:pw@host/db.")
+              show_default=True,
+              help="SQLAlchemy URL: sqlite:///file.db or postgresql://user:pw@host/db (before or after the command).")
 @click.option("--broker-url", envvar="LORA_COMPARE_BROKER_URL", default=DEFAULT_BROKER_URL, show_default=True,
-              help="Celery broker URL (Redis) for submit, worker, retry.")
+              help="Celery broker URL (Redis) for submit, worker, retry (before or after the command).")
 @click.option("-v", "--verbose", count=True, help="More log output on stderr (-v info, -vv debug).")
 @click.version_option(package_name="lora-compare")
 @click.pass_context

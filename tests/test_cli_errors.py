@@ -175,3 +175,22 @@ def test_unknown_run_and_bad_sql(tmp_path: Path) -> None:
     assert code != 0 and "Traceback" not in output
 
 
+
+
+def test_connection_options_work_before_or_after_the_subcommand(tmp_path: Path) -> None:
+    """DESIGN.md: `--database-url` (and `--broker-url`) before or after the subcommand."""
+    from producer.cli import _hoist, cli
+
+    db = f"sqlite:///{tmp_path / 'after.db'}"
+    runner = CliRunner()
+    assert runner.invoke(cli, ["--database-url", db, "db", "upgrade"]).exit_code == 0
+    for args in (["sql", "SELECT 41 + 1 AS answer", "--database-url", db, "--format", "csv"],
+                 ["sql", f"--database-url={db}", "SELECT 41 + 1 AS answer", "--format", "csv"],
+                 ["--database-url", db, "sql", "SELECT 41 + 1 AS answer", "--format", "csv"]):
+        result = runner.invoke(cli, args)
+        assert result.exit_code == 0, (args, result.output)
+        assert result.output.split() == ["answer", "42"]
+    # the option is taken wherever it stands, except after `--`; its value is never a command
+    assert _hoist(["sql", "q", "--broker-url", "redis://x"]) == ["--broker-url", "redis://x", "sql", "q"]
+    assert _hoist(["sql", "--", "--database-url", "x"]) == ["sql", "--", "--database-url", "x"]
+    assert _hoist(["status", "--database-url"]) == ["status", "--database-url"]  # no value: click says so
