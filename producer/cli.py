@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -40,8 +39,6 @@ from .submit import prepare_run, register_run
 log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
 
-#: Fault injection for the crash tests: a worker kills itself on a chunk whose prompt contains this text.
-FAULT_CRASH_MARKER_ENV = "LORA_COMPARE_FAULT_CRASH_MARKER"
 #: The demo's config, in the repository next to the packages.
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "examples" / "demo.yaml"
 
@@ -282,8 +279,7 @@ def worker(obj: Context, device: str, queues: str, max_adapters: int, max_attemp
     logging.getLogger().setLevel(min(logging.getLogger().level, logging.INFO))
     serve(obj.sessions(migrate=True), obj.settings, device=device,
           queues=[q.strip() for q in queues.split(",") if q.strip()], max_adapters=max_adapters,
-          max_attempts=max_attempts, visibility_timeout_s=visibility_timeout, hostname=hostname,
-          crash_marker=os.environ.get(FAULT_CRASH_MARKER_ENV) or None)
+          max_attempts=max_attempts, visibility_timeout_s=visibility_timeout, hostname=hostname)
 
 
 # --- watching ----------------------------------------------------------------------------------

@@ -18,6 +18,8 @@ from db.engine import make_engine
 from tests.waiting import wait_until
 
 LORA = [sys.executable, "-c", "from producer.cli import main; main()"]
+#: Workers load the test-only fault injection first (a no-op unless its environment variable is set).
+LORA_WORKER = [sys.executable, "-c", "import tests.fault_injection; from producer.cli import main; main()"]
 
 
 def free_port() -> int:
@@ -47,9 +49,9 @@ class Worker:
     def start(self) -> Worker:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [*LORA, "--database-url", self.db_url, "--broker-url", self.broker_url, "worker", "--device", "cpu",
-             "--queues", self.queue, "--hostname", self.name, "--visibility-timeout", str(self.visibility_timeout),
-             "--max-attempts", str(self.max_attempts)],
+            [*LORA_WORKER, "--database-url", self.db_url, "--broker-url", self.broker_url, "worker",
+             "--device", "cpu", "--queues", self.queue, "--hostname", self.name,
+             "--visibility-timeout", str(self.visibility_timeout), "--max-attempts", str(self.max_attempts)],
             stdout=log, stderr=subprocess.STDOUT, env=self.env,
         )
         self.starts += 1

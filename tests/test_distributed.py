@@ -17,6 +17,7 @@ import pytest
 from click.testing import CliRunner
 
 from producer.cli import cli
+from tests import fault_injection
 from tests.cluster import RedisServer, TcpProxy, Worker, lora, rows, scalar
 from tests.conftest import write_arith_dataset
 from tests.waiting import wait_until
@@ -190,7 +191,7 @@ def test_a_chunk_that_always_crashes_its_worker_is_failed_then_retried(
     text_ = config.read_text().replace('prompt: "What is', 'prompt: "{% if a == 55 %}CRASH-ME {% endif %}What is')
     config.write_text(text_)  # example 2 (55 + 21) sits in chunk 1
     crashy = Worker("w1@test", pg_url, REDIS, queue, tmp_path, visibility_timeout=6, max_attempts=2,
-                    env={"LORA_COMPARE_FAULT_CRASH_MARKER": "CRASH-ME"})
+                    env={fault_injection.MARKER_ENV: "CRASH-ME"})
     workers.append(crashy)
     crashy.start().wait_ready()
     run_id = _submit(pg_url, REDIS, config, queue)

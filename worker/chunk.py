@@ -11,8 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import signal
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -228,7 +226,6 @@ def process_chunk(
     *,
     worker: str,
     max_attempts: int,
-    crash_marker: str | None = None,
 ) -> str:
     """Claim, generate, write, mark done. Returns what happened: done | skipped | retry | failed.
 
@@ -261,10 +258,6 @@ def process_chunk(
 
     log.info("run %s chunk %s attempt %s: %d examples x %d variants", run_id, chunk_id, claim.attempt,
              len(examples), len(variants))
-    if crash_marker and any(crash_marker in ex.prompt for ex in examples):
-        # Fault injection for the crash tests: die the way an out-of-memory kill would.
-        log.error("fault injection: killing this worker on run %s chunk %s", run_id, chunk_id)
-        os.kill(os.getpid(), signal.SIGKILL)
     try:
         with host.lock:
             outcome = run_chunk(

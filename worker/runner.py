@@ -105,15 +105,13 @@ def serve(
     visibility_timeout_s: int = DEFAULT_VISIBILITY_TIMEOUT_S,
     hostname: str | None = None,
     loglevel: str = "INFO",
-    crash_marker: str | None = None,
 ) -> None:
     """A long-lived worker: one process, solo pool (CUDA is not fork-safe), the model resident."""
     from celery.utils.nodenames import default_nodename, host_format
 
     nodename = host_format(default_nodename(hostname))
     host = ModelHost(settings, device=device, max_adapters=max_adapters)
-    configure(WorkerContext(sessions=sessions, host=host, name=nodename, max_attempts=max_attempts,
-                            crash_marker=crash_marker))
+    configure(WorkerContext(sessions=sessions, host=host, name=nodename, max_attempts=max_attempts))
     app = create_app(settings.broker_url, visibility_timeout_s=visibility_timeout_s)
     log.info("worker %s on %s, queues %s", nodename, host.device, ",".join(queues))
     worker = app.Worker(pool="solo", concurrency=1, queues=list(queues), hostname=nodename, loglevel=loglevel,

@@ -33,7 +33,6 @@ class WorkerContext:
     host: ModelHost
     name: str
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
-    crash_marker: str | None = None  # fault injection: a worker dies on a chunk whose prompt has this
 
 
 _context: WorkerContext | None = None
@@ -69,7 +68,6 @@ def run_chunk_task(self: Task, *args: Any, **kwargs: Any) -> str:
     try:
         outcome = process_chunk(
             ctx.sessions, ctx.host, run_id, chunk_id, worker=ctx.name, max_attempts=ctx.max_attempts,
-            crash_marker=ctx.crash_marker,
         )
     except RetryableChunkError as err:
         log.warning("run %s chunk %s: %s; retrying in %ss", run_id, chunk_id, err, RETRY_DELAY_S)
