@@ -11,6 +11,7 @@ ENV PYTHONUNBUFFERED=1 \
 
 WORKDIR /app
 COPY pyproject.toml README.md ./
+COPY contract contract
 COPY db db
 COPY producer producer
 COPY worker worker

@@ -27,8 +27,9 @@ test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check db producer worker tests examples bench
-	$(BIN)/mypy db producer
+	$(BIN)/ruff check contract db producer worker tests examples bench
+	$(BIN)/mypy contract db producer
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf $(VENV) demo.db demo.db-wal demo.db-shm .pytest_cache

@@ -349,7 +349,7 @@ def run_strategy(name: str, spec: dict[str, Any], *, batch: int, new_tokens: int
                 peft.set_adapter(variant)
                 collect(variant, _generate(peft, formatted, new_tokens, work.pad_id))
     elif work.synthetic:
-        from producer.config import GenerationConfig
+        from contract.config import GenerationConfig
         from worker import lora_routing
         from worker.decoding import DecodeOptions, decode_rows
 
@@ -366,8 +366,8 @@ def run_strategy(name: str, spec: dict[str, Any], *, batch: int, new_tokens: int
             for (_, variant), g in zip(rows, gens):
                 collect(variant, [g])
     else:
-        from producer.config import DatasetConfig, GenerationConfig, InferenceConfig, ModelConfig, RunConfig
-        from producer.settings import Settings
+        from contract.config import DatasetConfig, GenerationConfig, InferenceConfig, ModelConfig, RunConfig
+        from contract.settings import Settings
         from worker.chunk import ChunkExample, VariantSpec, run_chunk
         from worker.model_host import ModelHost
 
@@ -449,10 +449,10 @@ def run_embedded_pair(spec: dict[str, Any], *, batch: int, new_tokens: int, chun
     """Two embedded runs on one warm worker: the demo adapter, then a new adapter on the same dataset."""
     from sqlalchemy import func, select
 
+    from contract.settings import Settings
     from db.engine import make_engine, session_factory
     from db.migrate import upgrade
     from db.schema import Chunk, Generation
-    from producer.settings import Settings
     from producer.submit import prepare_run, register_run
     from worker.model_host import ModelHost
     from worker.runner import run_embedded
@@ -576,7 +576,7 @@ def main() -> None:
         for shape in args.shape or ["demo"]:
             spec: dict[str, Any] = {"shape": shape, "tmp": tmp}
             if shape == "demo":
-                from producer.settings import Settings
+                from contract.settings import Settings
                 from worker.demo_model import prepare_demo_model
 
                 base = prepare_demo_model(Settings.from_env().demo_model_dir)

@@ -44,7 +44,7 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM, DynamicCache
 
-    from producer.settings import Settings
+    from contract.settings import Settings
     from worker.decoding import _PAD_ROWS, _padded_rows_forward
     from worker.demo_model import prepare_demo_model
 

@@ -40,7 +40,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from producer.settings import Settings  # noqa: E402
+from contract.settings import Settings  # noqa: E402
 from worker.demo_model import prepare_demo_model  # noqa: E402
 
 log = logging.getLogger("train_demo_adapter")

@@ -22,6 +22,15 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError, ProgrammingError
 from sqlalchemy.orm import Session, sessionmaker
 
+from contract.errors import LoraCompareError, RunNotFoundError, UserError
+from contract.queue import (
+    DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_QUEUE,
+    DEFAULT_VISIBILITY_TIMEOUT_S,
+    enqueue_chunks,
+    make_client,
+)
+from contract.settings import DEFAULT_BROKER_URL, DEFAULT_DATABASE_URL, Settings
 from db.engine import make_engine, session_factory
 from db.migrate import upgrade
 from db.outputs import side_by_side, variant_summary
@@ -31,9 +40,6 @@ from db.runs import cancel_run, get_run, requeue_run, run_variants
 from db.verifications import latest_verifications
 
 from . import display
-from .errors import ProducerError, RunNotFoundError
-from .queue import DEFAULT_MAX_ATTEMPTS, DEFAULT_QUEUE, DEFAULT_VISIBILITY_TIMEOUT_S, enqueue_chunks, make_client
-from .settings import DEFAULT_BROKER_URL, DEFAULT_DATABASE_URL, Settings
 from .submit import prepare_run, register_run
 
 log = logging.getLogger(__name__)
@@ -69,7 +75,7 @@ def _errors(func: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
-        except ProducerError as err:
+        except LoraCompareError as err:  # UserError, and a chunk error met by a command that generates
             raise click.ClickException(str(err)) from None
         except QueryError as err:
             raise click.ClickException(f"sql: {err}") from None
@@ -81,11 +87,6 @@ def _errors(func: F) -> F:
             raise click.ClickException(
                 f"database error: {first} (is the schema created? run `lora-compare db upgrade`)"
             ) from None
-        except Exception as err:
-            # The worker's own errors (imported lazily, so matched by name) are user-facing too.
-            if type(err).__module__.startswith("worker.") and type(err).__name__.endswith("Error"):
-                raise click.ClickException(str(err)) from None
-            raise
 
     return wrapper  # type: ignore[return-value]
 
@@ -186,10 +187,9 @@ def _summary(sessions: sessionmaker[Session], run_id: int) -> str:
 
 
 def _run_here(obj: Context, config: Path, *, device: str | None, quiet: bool) -> int:
+    from contract.config import load_config
     from worker.demo_model import prepare_demo_model
     from worker.runner import run_embedded
-
-    from .config import load_config
 
     sessions = obj.sessions(migrate=True)
     if load_config(config).model.is_demo:
@@ -364,7 +364,7 @@ def results(obj: Context, run_id: int, variants: tuple[str, ...], only_diff: boo
         records = side_by_side(session, run_id)
     unknown = [v for v in variants if v not in names]
     if unknown:
-        raise ProducerError(f"run {run_id} has no variant {', '.join(unknown)} (it has {', '.join(names)})")
+        raise UserError(f"run {run_id} has no variant {', '.join(unknown)} (it has {', '.join(names)})")
     shown = ["base", *[n for n in names if n != "base" and (not variants or n in variants)]]
     if only_diff:
         records = [r for r in records if any(
@@ -468,7 +468,7 @@ def compare(obj: Context, run_a: int, run_b: int, variant_a: str | None, variant
     run_1, names_a, records_a = _report_inputs(sessions, run_a)
     run_2, names_b, records_b = _report_inputs(sessions, run_b)
     if run_1.dataset_sha256 != run_2.dataset_sha256 or run_1.n_examples != run_2.n_examples:
-        raise ProducerError(f"runs {run_a} and {run_b} are not on the same dataset "
+        raise UserError(f"runs {run_a} and {run_b} are not on the same dataset "
                             f"({run_1.dataset_path} vs {run_2.dataset_path}); their examples cannot be paired")
     chosen = []
     for run_id, names, variant, flag in ((run_a, names_a, variant_a, "--variant-a"),
@@ -476,10 +476,10 @@ def compare(obj: Context, run_a: int, run_b: int, variant_a: str | None, variant
         adapters = [n for n in names if n != "base"]
         if variant is None:
             if len(adapters) != 1:
-                raise ProducerError(f"run {run_id} has adapters {', '.join(adapters)}: choose one with {flag}")
+                raise UserError(f"run {run_id} has adapters {', '.join(adapters)}: choose one with {flag}")
             variant = adapters[0]
         if variant not in names:
-            raise ProducerError(f"run {run_id} has no variant {variant} (it has {', '.join(names)})")
+            raise UserError(f"run {run_id} has no variant {variant} (it has {', '.join(names)})")
         chosen.append(variant)
     result = compare_runs(records_a, chosen[0], records_b, chosen[1], run_a=run_a, run_b=run_b)
     if fmt == "json":

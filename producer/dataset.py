@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import DatasetError
+from contract.errors import DatasetError
 
 SUPPORTED = (".jsonl", ".json", ".csv")
 

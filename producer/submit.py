@@ -12,13 +12,13 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session
 
+from contract.artifacts import AdapterInfo, base_model_shapes, check_adapter_fits, inspect_adapter
+from contract.config import RunConfig, load_config
+from contract.errors import ConfigError
+from contract.settings import Settings
 from db.runs import NewExample, NewVariant, create_run
 
-from .adapters import AdapterInfo, base_model_shapes, check_adapter_fits, inspect_adapter
-from .config import RunConfig, load_config
 from .dataset import file_sha256, read_rows
-from .errors import ConfigError
-from .settings import Settings
 from .templates import RowTemplate, render_row
 
 log = logging.getLogger(__name__)

@@ -13,8 +13,9 @@ from typing import Any
 from jinja2 import StrictUndefined, TemplateError, UndefinedError
 from jinja2.sandbox import SandboxedEnvironment
 
+from contract.errors import ConfigError, DatasetError
+
 from .dataset import Row
-from .errors import ConfigError, DatasetError
 
 _ENV = SandboxedEnvironment(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=True)
 _UNDEFINED_NAME = re.compile(r"'([^']+)' is undefined")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text
 
-from producer.settings import Settings
+from contract.settings import Settings
 
 #: The PostgreSQL server the tests use (CI starts it): a fresh database is made per test.
 PG_ADMIN_URL = os.environ.get("LORA_COMPARE_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")

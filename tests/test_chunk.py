@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+from contract.settings import Settings
 from db.engine import make_engine, session_factory
 from db.migrate import upgrade
 from db.runs import NewExample, NewVariant, create_run, get_run
 from db.schema import Chunk
-from producer.settings import Settings
 from worker.chunk import process_chunk
 from worker.model_host import ModelHost
 

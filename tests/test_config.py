@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from producer.config import RunConfig, load_config
-from producer.errors import ConfigError
+from contract.config import RunConfig, load_config
+from contract.errors import ConfigError
 
 FULL = """
 name: arith-v1

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from contract.errors import ConfigError, DatasetError
 from producer.dataset import Row, read_rows
-from producer.errors import ConfigError, DatasetError
 from producer.templates import RowTemplate, render_row
 
 

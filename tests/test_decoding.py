@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import torch
 
-from producer.config import GenerationConfig
+from contract.config import GenerationConfig
 from worker import lora_routing
 from worker.decoding import DecodeOptions, common_prefix, decode_rows
 

@@ -8,7 +8,7 @@ import time
 
 from celery.contrib.testing.worker import start_worker
 
-from producer.queue import DEFAULT_QUEUE
+from contract.queue import DEFAULT_QUEUE
 from worker.app import create_app
 from worker.runner import MEMORY_POLL_S, WAKE_TASK, _stop_soon, _wake
 

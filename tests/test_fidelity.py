@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from producer.config import RunConfig
-from producer.settings import Settings
+from contract.config import RunConfig
+from contract.settings import Settings
 from tests.tiny_models import ADAPTERS, ARCHITECTURES, make_adapter, make_model, plain_reference
 from worker.chunk import ChunkExample, VariantSpec, run_chunk
 from worker.decoding import DecodeOptions

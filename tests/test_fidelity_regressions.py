@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import torch
 
-from producer.config import GenerationConfig
+from contract.config import GenerationConfig
 from tests.tiny_models import ADAPTERS, EOS_IDS, make_adapter, make_model, plain_reference
 
 NEW_TOKENS = 8
@@ -125,7 +125,7 @@ def test_4_a_bfloat16_run_then_a_float32_run_reuses_nothing(tmp_path: Path) -> N
 
 
 def test_5_gpt2_conv1d_and_lora_bias_adapters_are_accepted(tmp_path: Path) -> None:
-    from producer.adapters import base_model_shapes, check_adapter_fits, inspect_adapter
+    from contract.artifacts import base_model_shapes, check_adapter_fits, inspect_adapter
 
     for arch in ("gpt2", "llama"):
         base = make_model(arch, tmp_path / arch)
@@ -138,8 +138,8 @@ def test_5_gpt2_conv1d_and_lora_bias_adapters_are_accepted(tmp_path: Path) -> No
 
 
 def test_5b_an_adapter_for_another_shape_is_still_refused(tmp_path: Path) -> None:
-    from producer.adapters import base_model_shapes, check_adapter_fits, inspect_adapter
-    from producer.errors import AdapterError
+    from contract.artifacts import base_model_shapes, check_adapter_fits, inspect_adapter
+    from contract.errors import AdapterError
 
     small, other = make_model("gpt2", tmp_path / "gpt2"), tmp_path / "wide"
     import transformers
@@ -180,7 +180,7 @@ def test_4b_every_input_of_an_output_is_in_its_cache_key() -> None:
 def test_4c_the_model_identity_follows_the_tokenizer_files_and_generation_config(tmp_path: Path) -> None:
     import json
 
-    from producer.settings import Settings
+    from contract.settings import Settings
     from worker.model_host import ModelHost
 
     base = make_model("llama", tmp_path / "llama")

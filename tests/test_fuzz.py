@@ -9,11 +9,11 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from producer.config import RunConfig, load_config
+from contract.config import RunConfig, load_config
+from contract.errors import UserError
+from contract.scoring import choice_letter, last_number, score
 from producer.dataset import Row, read_rows
-from producer.errors import ProducerError
 from producer.templates import RowTemplate, render_row
-from worker.scoring import choice_letter, last_number, score
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -33,7 +33,7 @@ def test_config_from_any_text(tmp_path: Path, text: str) -> None:
     path.write_text(text, encoding="utf-8")
     try:
         load_config(path)
-    except ProducerError:
+    except UserError:
         pass
 
 
@@ -44,7 +44,7 @@ def test_config_from_any_structure(tmp_path: Path, data: object) -> None:
     path.write_text(json.dumps(data), encoding="utf-8")  # JSON is YAML
     try:
         config = load_config(path)
-    except ProducerError:
+    except UserError:
         return
     assert RunConfig.from_dict(config.to_dict()) == config
 
@@ -57,7 +57,7 @@ def test_dataset_from_any_bytes(tmp_path: Path, raw: bytes, suffix: str, limit: 
     path.write_bytes(raw)
     try:
         rows = read_rows(path, limit=limit)
-    except ProducerError:
+    except UserError:
         return
     assert rows and all(isinstance(r.data, dict) for r in rows)
 
@@ -69,7 +69,7 @@ def test_dataset_from_any_json_lines(tmp_path: Path, lines: list[object]) -> Non
     path.write_text("\n".join(json.dumps(v) for v in lines), encoding="utf-8")
     try:
         read_rows(path)
-    except ProducerError:
+    except UserError:
         pass
 
 
@@ -84,7 +84,7 @@ def test_templates_on_any_row(source: str, data: dict[str, object]) -> None:
     try:
         template = RowTemplate("dataset.prompt", source)
         render_row(template, None, Row(0, "d.jsonl:1", data))
-    except ProducerError:
+    except UserError:
         pass
 
 
@@ -95,7 +95,7 @@ def test_templates_on_any_row(source: str, data: dict[str, object]) -> None:
        tolerance=st.floats(0, 10))
 def test_scoring_never_raises(output: str, reference: str | None, pattern: str | None, match: str,
                               normalize: bool, tolerance: float) -> None:
-    from producer.config import ScoringConfig
+    from contract.config import ScoringConfig
 
     result = score(output, reference, ScoringConfig(extract=pattern, match=match, normalize=normalize,
                                                     tolerance=tolerance))

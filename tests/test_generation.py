@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from producer.config import GenerationConfig
-from producer.settings import Settings
+from contract.config import GenerationConfig
+from contract.settings import Settings
 
 pytestmark = pytest.mark.slow
 

@@ -41,8 +41,8 @@ def _imported_after(statement: str) -> list[str]:
 
 def test_importing_producer_loads_no_model_library() -> None:
     statement = (
-        "import producer, producer.cli, producer.config, producer.dataset, producer.templates, "
-        "producer.adapters, producer.submit, producer.queue, producer.display"
+        "import producer, producer.cli, contract.config, producer.dataset, producer.templates, "
+        "contract.artifacts, producer.submit, contract.queue, producer.display"
     )
     assert _imported_after(statement) == []
 

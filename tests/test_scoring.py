@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from producer.config import ScoringConfig
-from worker.scoring import Score, extract, last_number, score
+from contract.config import ScoringConfig
+from contract.scoring import Score, extract, last_number, score
 
 
 @pytest.mark.parametrize(
@@ -38,7 +38,7 @@ def test_no_reference_means_no_score() -> None:
 
 
 def test_squad_normalisation() -> None:
-    from worker.scoring import normalize_answer
+    from contract.scoring import normalize_answer
 
     assert normalize_answer("  The Eiffel  Tower! ") == "eiffel tower"
     assert score("the Eiffel tower.", "Eiffel Tower", ScoringConfig(match="exact", normalize=True)).correct is True

@@ -115,7 +115,7 @@ def test_pickle_and_malformed_messages_are_rejected_and_valid_chunks_still_serve
         tmp_path: Path, pg_url: str, test_adapters: dict[str, Path]) -> None:
     from celery import Celery
 
-    from producer.queue import TASK_NAME
+    from contract.queue import TASK_NAME
 
     redis_url = "redis://127.0.0.1:6379/6"
     queue = f"lc-sec-{uuid.uuid4().hex[:8]}"
@@ -176,7 +176,7 @@ def test_workers_load_only_from_their_model_roots(tmp_path: Path, demo_model: Pa
                                                   test_adapters: dict[str, Path], settings) -> None:  # type: ignore
     from dataclasses import replace
 
-    from worker.errors import ModelLoadError
+    from contract.errors import ModelLoadError
     from worker.model_host import ModelHost
 
     root = tmp_path / "models"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from celery import Celery
 
-from producer.queue import DEFAULT_VISIBILITY_TIMEOUT_S, celery_settings
+from contract.queue import DEFAULT_VISIBILITY_TIMEOUT_S, celery_settings
 
 from .tasks import register_tasks
 

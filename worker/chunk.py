@@ -21,17 +21,16 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session, sessionmaker
 
+from contract.config import GenerationConfig, RunConfig
+from contract.errors import ConfigError, FatalChunkError, RetryableChunkError
+from contract.scoring import score
 from db.outputs import cached_outputs, done_pairs, insert_generations
 from db.runs import chunk_examples, claim_chunk, complete_chunk, fail_chunk, get_run, run_variants
-from producer.config import GenerationConfig, RunConfig
-from producer.errors import ConfigError
 
 from .decoding import DecodeOptions
-from .errors import FatalChunkError, RetryableChunkError
 from .generation import GenResult, GenRow, generate_mixed, generate_separate
 from .model_host import ModelHost, ModelIdentity
 from .prompts import encode_prompts
-from .scoring import score
 
 log = logging.getLogger(__name__)
 
@@ -288,6 +287,11 @@ def process_chunk(
              "resident adapters %d)", run_id, chunk_id, len(outcome.records), outcome.generate_seconds,
              stats.base_loads, stats.adapter_loads, len(stats.resident_adapters))
     return "done"
+
+
+def refuse_chunk(sessions: sessionmaker[Session], run_id: int, chunk_id: int, reason: str) -> None:
+    """Fail a chunk this worker cannot serve at all (a message from a newer producer), in one attempt."""
+    _record_failure(sessions, run_id, chunk_id, reason, final=True)
 
 
 def _write_outputs(

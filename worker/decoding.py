@@ -47,7 +47,7 @@ import torch.nn.functional as F  # noqa: N812
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from producer.config import GenerationConfig
+from contract.config import GenerationConfig
 
 from . import lora_routing, plain
 from .fidelity import DecodePlan, plan_decode

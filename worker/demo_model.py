@@ -16,9 +16,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from producer.settings import DEMO_DISTRIBUTION, DEMO_GGUF
-
-from .errors import ModelLoadError
+from contract.errors import ModelLoadError
+from contract.settings import DEMO_DISTRIBUTION, DEMO_GGUF
 
 log = logging.getLogger(__name__)
 

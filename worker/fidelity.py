@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from producer.config import GenerationConfig
+from contract.config import GenerationConfig
 
 from . import lora_routing
 

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from producer.config import GenerationConfig
+from contract.config import GenerationConfig
 
 from . import lora_routing
 from .decoding import DecodeOptions, decode_rows

@@ -21,13 +21,12 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-from producer.adapters import files_sha256, inspect_adapter
-from producer.errors import AdapterError
-from producer.settings import Settings
+from contract.artifacts import files_sha256, inspect_adapter
+from contract.errors import AdapterError, ModelLoadError
+from contract.settings import Settings
 
 from . import lora_routing
 from .demo_model import prepare_demo_model
-from .errors import ModelLoadError
 from .generation import eos_ids
 
 log = logging.getLogger(__name__)

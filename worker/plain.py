@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from producer.config import GenerationConfig
+from contract.config import GenerationConfig
 
 from . import lora_routing
 

@@ -11,10 +11,10 @@ from celery.contrib.testing.worker import start_worker
 from celery.signals import task_postrun
 from sqlalchemy.orm import Session, sessionmaker
 
+from contract.queue import DEFAULT_MAX_ATTEMPTS, DEFAULT_QUEUE, DEFAULT_VISIBILITY_TIMEOUT_S, TASK_NAME, enqueue_chunks
+from contract.settings import Settings
 from db.progress import RunProgress, run_progress
 from db.runs import chunk_ids
-from producer.queue import DEFAULT_MAX_ATTEMPTS, DEFAULT_QUEUE, DEFAULT_VISIBILITY_TIMEOUT_S, TASK_NAME, enqueue_chunks
-from producer.settings import Settings
 
 from .app import create_app
 from .model_host import DEFAULT_MAX_ADAPTERS, ModelHost

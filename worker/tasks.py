@@ -15,10 +15,10 @@ from typing import Any
 from celery import Celery, Task
 from sqlalchemy.orm import Session, sessionmaker
 
-from producer.queue import DEFAULT_MAX_ATTEMPTS, TASK_NAME
+from contract.errors import RetryableChunkError
+from contract.queue import DEFAULT_MAX_ATTEMPTS, MESSAGE_VERSION, TASK_NAME
 
-from .chunk import process_chunk
-from .errors import RetryableChunkError
+from .chunk import process_chunk, refuse_chunk
 from .model_host import ModelHost
 
 log = logging.getLogger(__name__)
@@ -60,11 +60,18 @@ def run_chunk_task(self: Task, *args: Any, **kwargs: Any) -> str:
     Any other message shape is logged and dropped (acknowledged, so never redelivered).
     """
     run_id, chunk_id = kwargs.pop("run_id", None), kwargs.pop("chunk_id", None)
-    if args or kwargs or not _is_id(run_id) or not _is_id(chunk_id):
-        log.error("rejected a malformed chunk message: args=%r run_id=%r chunk_id=%r extra=%r",
-                  args[:4], run_id, chunk_id, sorted(kwargs)[:8])
+    version = kwargs.pop("version", 1)
+    if args or kwargs or not _is_id(run_id) or not _is_id(chunk_id) or not _is_id(version):
+        log.error("rejected a malformed chunk message: args=%r run_id=%r chunk_id=%r version=%r extra=%r",
+                  args[:4], run_id, chunk_id, version, sorted(kwargs)[:8])
         return "rejected"
     ctx = current_context()
+    if version > MESSAGE_VERSION:
+        reason = (f"the chunk's queue message has version {version}, newer than this worker reads "
+                  f"({MESSAGE_VERSION}): upgrade lora-compare on the workers")
+        log.error("run %s chunk %s: %s", run_id, chunk_id, reason)
+        refuse_chunk(ctx.sessions, run_id, chunk_id, reason)
+        return "failed"
     try:
         outcome = process_chunk(
             ctx.sessions, ctx.host, run_id, chunk_id, worker=ctx.name, max_attempts=ctx.max_attempts,

@@ -32,6 +32,10 @@ from typing import Any
 import torch
 from sqlalchemy.orm import Session
 
+from contract.artifacts import files_sha256, inspect_adapter
+from contract.config import RunConfig
+from contract.errors import VerifyError
+from contract.settings import Settings
 from db.runs import get_run, run_variants
 from db.verifications import (
     ChunkSetting,
@@ -42,11 +46,7 @@ from db.verifications import (
     stored_rows,
     verifiable_examples,
 )
-from producer.adapters import files_sha256, inspect_adapter
-from producer.config import RunConfig
-from producer.settings import Settings
 
-from .errors import VerifyError
 from .generation import eos_ids, finish
 from .lora_routing import BASE
 from .model_host import ModelHost, pick_device, pick_dtype

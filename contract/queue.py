@@ -1,7 +1,8 @@
 """The queue contract shared by producer and worker: task name, message shape and Celery settings.
 
-Messages are JSON `{"run_id": int, "chunk_id": int}` (keyword arguments of the task), sent by name,
-so the producer never imports the worker.
+Messages are JSON `{"run_id": int, "chunk_id": int, "version": int}` (keyword arguments of the task),
+sent by name, so the producer never imports the worker. A message without `version` is version 1; a
+worker that meets a newer version fails the chunk and says to upgrade.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from typing import Any
 
 #: The registered name of the chunk task.
 TASK_NAME = "lora_compare.run_chunk"
+#: The version of the message's shape; bump it when a field is added or changes meaning.
+MESSAGE_VERSION = 1
 #: The queue chunks go to unless a run names another.
 DEFAULT_QUEUE = "lora-compare"
 #: Seconds Redis waits for an unacknowledged message before redelivering it. Must exceed the
@@ -48,11 +51,16 @@ def celery_settings(*, visibility_timeout_s: int = DEFAULT_VISIBILITY_TIMEOUT_S)
     }
 
 
+def chunk_message(run_id: int, chunk_id: int) -> dict[str, int]:
+    """The keyword arguments of one chunk's task."""
+    return {"run_id": run_id, "chunk_id": chunk_id, "version": MESSAGE_VERSION}
+
+
 def enqueue_chunks(app: Any, run_id: int, chunk_ids: Iterable[int], *, queue: str = DEFAULT_QUEUE) -> int:
     """Send one message per chunk, by task name. Returns how many were sent."""
     sent = 0
     for chunk_id in chunk_ids:
-        app.send_task(TASK_NAME, kwargs={"run_id": run_id, "chunk_id": chunk_id}, queue=queue)
+        app.send_task(TASK_NAME, kwargs=chunk_message(run_id, chunk_id), queue=queue)
         sent += 1
     return sent
 

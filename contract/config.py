@@ -16,14 +16,20 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .scoring import RULES
 from .settings import DEMO_BASE
 
 #: Names an adapter may not take: `base` is the base model's variant name, `__base__` is PEFT's.
 RESERVED_VARIANTS = ("base", "__base__")
 #: What an adapter name may contain (it is a column value and a PEFT adapter name).
 ADAPTER_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+#: The version of the stored config's shape (`RunConfig.to_dict`). Bump it when a key is added or its
+#: meaning changes: a worker that meets a newer version fails the chunk and says to upgrade.
+CONFIG_VERSION = 1
+#: The stored config's key for that version (not a YAML key: users never write it).
+VERSION_KEY = "config_version"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-MATCHES = ("exact", "contains", "numeric", "choice")
+MATCHES = tuple(RULES)
 
 
 @dataclass(frozen=True)
@@ -87,10 +93,19 @@ class RunConfig:
         data = asdict(self)
         data["model"]["adapters"] = {name: path for name, path in self.model.adapters}
         data["generation"]["stop"] = list(self.generation.stop)
+        data[VERSION_KEY] = CONFIG_VERSION
         return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "<stored config>") -> RunConfig:
+        """The config `to_dict` stored. One without a version is version 1 (stored before versions)."""
+        data = dict(data)
+        version = data.pop(VERSION_KEY, 1)
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise ConfigError(f"{source}: '{VERSION_KEY}' must be a positive integer, got {_kind(version)}")
+        if version > CONFIG_VERSION:
+            raise ConfigError(f"{source}: config version {version} was written by a newer lora-compare (this one "
+                              f"reads up to version {CONFIG_VERSION}); upgrade lora-compare here")
         return _parse(data, source=source, base_dir=None)
 
 

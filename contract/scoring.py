@@ -1,13 +1,21 @@
-"""Answer extraction and scoring (pure Python: no model needed, unit-tested on strings)."""
+"""Answer extraction and scoring (pure Python: no model needed, unit-tested on strings).
+
+Each `scoring.match` value is a `Rule` in `RULES`: how a prediction is read out of the extracted text
+and how it is compared with the reference. The config's allowed values are `RULES`' keys, so a new
+rule is one function pair and one registry line here, nothing else.
+"""
 
 from __future__ import annotations
 
 import math
 import re
 import string
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from producer.config import ScoringConfig
+if TYPE_CHECKING:
+    from .config import ScoringConfig
 
 _NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?")
 #: Relative tolerance under which two numbers are equal (absorbs float printing, not real errors).
@@ -62,29 +70,61 @@ def extract(output: str, pattern: str | None) -> str | None:
     return value.strip() if value is not None else None
 
 
+@dataclass(frozen=True)
+class Rule:
+    """One `scoring.match` value."""
+
+    #: The prediction read out of the extracted text (None: the output gives no answer).
+    read: Callable[[str], str | None]
+    #: Whether a prediction equals the stripped reference, under the run's scoring options.
+    same: Callable[[str, str, ScoringConfig], bool]
+    help: str
+
+
+def _text_equal(got: str, want: str, scoring: ScoringConfig) -> bool:
+    if scoring.normalize:
+        got, want = normalize_answer(got), normalize_answer(want)
+    return " ".join(got.split()) == " ".join(want.split())
+
+
+def _text_contains(got: str, want: str, scoring: ScoringConfig) -> bool:
+    if scoring.normalize:
+        got, want = normalize_answer(got), normalize_answer(want)
+    return want in got
+
+
+def _numbers_equal(got: str, want: str, scoring: ScoringConfig) -> bool:
+    wanted = last_number(want)
+    if wanted is None:
+        return False
+    return math.isclose(float(got), float(wanted), rel_tol=NUMERIC_REL_TOL, abs_tol=scoring.tolerance)
+
+
+def _same_letter(got: str, want: str, scoring: ScoringConfig) -> bool:
+    return got == choice_letter(want.upper())
+
+
+def _as_is(text: str) -> str | None:
+    return text
+
+
+#: Every `scoring.match` value, in the order the docs list them.
+RULES: dict[str, Rule] = {
+    "exact": Rule(_as_is, _text_equal, "the whole prediction equals the reference (white space collapsed)"),
+    "contains": Rule(_as_is, _text_contains, "the reference appears inside the prediction"),
+    "numeric": Rule(last_number, _numbers_equal, "the last number written equals the reference's, within tolerance"),
+    "choice": Rule(choice_letter, _same_letter, "the multiple-choice letter A-J equals the reference's"),
+}
+
+
 def score(output: str, reference: str | None, scoring: ScoringConfig) -> Score:
     """Extract the prediction from `output` and compare it with `reference` as the config says."""
+    rule = RULES[scoring.match]  # the config admits only RULES' keys
     prediction = extract(output, scoring.extract)
-    if scoring.match == "numeric" and prediction is not None:
-        prediction = last_number(prediction)
-    if scoring.match == "choice" and prediction is not None:
-        prediction = choice_letter(prediction)
+    if prediction is not None:
+        prediction = rule.read(prediction)
     if reference is None:
         return Score(prediction, None)
     if prediction is None:
         return Score(None, False)
-    expected = reference.strip()
-    if scoring.match in ("exact", "contains"):
-        got, want = prediction, expected
-        if scoring.normalize:
-            got, want = normalize_answer(got), normalize_answer(want)
-        if scoring.match == "exact":
-            return Score(prediction, " ".join(got.split()) == " ".join(want.split()))
-        return Score(prediction, want in got)
-    if scoring.match == "choice":
-        return Score(prediction, prediction == choice_letter(expected.upper()))
-    wanted = last_number(expected)
-    if wanted is None:
-        return Score(prediction, False)
-    same = math.isclose(float(prediction), float(wanted), rel_tol=NUMERIC_REL_TOL, abs_tol=scoring.tolerance)
-    return Score(prediction, same)
+    return Score(prediction, rule.same(prediction, reference.strip(), scoring))
