@@ -153,7 +153,7 @@ def test_redis_restart_mid_run_loses_nothing(tmp_path: Path, pg_url: str, queue:
         run_id = _submit(pg_url, redis.url, config, queue)
         wait_until(lambda: _done_chunks(pg_url, run_id) >= 1, 120, "a first chunk")
         redis.stop()
-        time.sleep(3)
+        time.sleep(3)  # the outage under test (how long Redis is down), not a wait
         redis.start()
         assert _wait_final(pg_url, run_id) == "completed"
         _assert_exactly_once(pg_url, run_id, len(PAIRS), 3)
@@ -175,7 +175,7 @@ def test_postgres_unreachable_mid_run_is_retried(tmp_path: Path, pg_url: str, qu
         run_id = _submit(via_proxy, REDIS, config, queue)
         wait_until(lambda: _done_chunks(pg_url, run_id) >= 1, 120, "a first chunk")
         proxy.cut()
-        time.sleep(8)
+        time.sleep(8)  # the outage under test (how long PostgreSQL is cut off), not a wait
         proxy.restore()
         assert _wait_final(pg_url, run_id) == "completed"
         _assert_exactly_once(pg_url, run_id, len(PAIRS), 3)
