@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sqlalchemy import Engine, text
+from sqlalchemy import Connection, Engine, text
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 if TYPE_CHECKING:  # alembic is imported when a migration check runs, not when the CLI starts
@@ -56,14 +58,40 @@ def upgrade(engine: Engine) -> str:
         return head
     cfg = _config()
     try:
-        with engine.begin() as conn:
+        with engine.connect() as conn, _sqlite_foreign_keys_off(conn), conn.begin():
             if conn.dialect.name == "postgresql":
                 conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK_KEY})
             if MigrationContext.configure(conn).get_current_revision() != head:
                 cfg.attributes["connection"] = conn
                 command.upgrade(cfg, "head")
+                _check_foreign_keys(conn)
     except (OperationalError, IntegrityError):
         if current_revision(engine) != head:
             raise
     log.info("database schema at %s", head)
     return head
+
+
+@contextmanager
+def _sqlite_foreign_keys_off(conn: Connection) -> Iterator[None]:
+    """SQLite rebuilds a table to alter it (drop, then rename a copy); with foreign keys on, dropping
+    `runs` would delete every child row. So migrations run with them off, as SQLite's documentation
+    prescribes, and `_check_foreign_keys` checks the result before commit. The pragma is a no-op inside
+    a transaction: it is set before the migration's transaction begins, and restored after it ends."""
+    if conn.dialect.name != "sqlite":
+        yield
+        return
+    conn.exec_driver_sql("PRAGMA foreign_keys=OFF")
+    conn.commit()  # ends the transaction SQLAlchemy began for the pragma (no SQL transaction was open)
+    try:
+        yield
+    finally:
+        conn.exec_driver_sql("PRAGMA foreign_keys=ON")
+        conn.commit()
+
+
+def _check_foreign_keys(conn: Connection) -> None:
+    if conn.dialect.name == "sqlite":
+        broken = conn.exec_driver_sql("PRAGMA foreign_key_check").all()
+        if broken:
+            raise RuntimeError(f"a migration left rows whose foreign keys point nowhere: {broken[:5]}")

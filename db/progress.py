@@ -9,7 +9,17 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from .enums import ChunkStatus, RunStatus
 from .schema import Chunk, Generation, Run, Variant
+
+
+@dataclass(frozen=True)
+class FailedChunk:
+    """A chunk that failed for good: after how many attempts, and the last error."""
+
+    chunk: int
+    attempts: int
+    error: str | None
 
 
 @dataclass(frozen=True)
@@ -28,7 +38,7 @@ class RunProgress:
     rows_done: int
     rows_per_s: float | None
     rows_reused: int = 0  # outputs copied from earlier runs instead of generated
-    failed_chunks: list[dict[str, Any]] = field(default_factory=list)
+    failed_chunks: list[FailedChunk] = field(default_factory=list)
     #: Exact fallbacks chunks took instead of the engine's fast path, with why, and how many chunks did
     engine_notes: dict[str, int] = field(default_factory=dict)
 
@@ -38,7 +48,7 @@ class RunProgress:
 
     @property
     def eta_s(self) -> float | None:
-        if not self.rows_per_s or self.status not in ("queued", "running"):
+        if not self.rows_per_s or self.status not in (RunStatus.QUEUED, RunStatus.RUNNING):
             return None
         return (self.rows_total - self.rows_done) / self.rows_per_s
 
@@ -71,10 +81,10 @@ def run_progress(session: Session, run_id: int) -> RunProgress | None:
     reused = session.scalar(select(func.count()).select_from(Generation).where(
         Generation.run_id == run_id, Generation.reused_from.is_not(None))) or 0
     failed = [
-        {"chunk": cid, "attempts": attempts, "error": error}
+        FailedChunk(chunk=cid, attempts=attempts, error=error)
         for cid, attempts, error in session.execute(
             select(Chunk.id, Chunk.attempts, Chunk.error)
-            .where(Chunk.run_id == run_id, Chunk.status == "failed")
+            .where(Chunk.run_id == run_id, Chunk.status == ChunkStatus.FAILED)
             .order_by(Chunk.id)
         )
     ]

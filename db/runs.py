@@ -14,6 +14,7 @@ from typing import Any
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session
 
+from .enums import ChunkStatus, RunStatus
 from .schema import Chunk, Example, Run, Variant, utcnow
 
 #: Longest error text kept on a chunk or run row.
@@ -70,7 +71,7 @@ def create_run(
     bounds = chunk_bounds(len(examples), chunk_size)
     run = Run(
         name=name,
-        status="queued",
+        status=RunStatus.QUEUED,
         config=config,
         config_path=config_path,
         base_model=base_model,
@@ -118,7 +119,7 @@ def chunk_examples(session: Session, run_id: int, chunk_id: int) -> list[Example
     return list(session.scalars(stmt))
 
 
-def chunk_ids(session: Session, run_id: int, statuses: Iterable[str]) -> list[int]:
+def chunk_ids(session: Session, run_id: int, statuses: Iterable[ChunkStatus]) -> list[int]:
     stmt = select(Chunk.id).where(Chunk.run_id == run_id, Chunk.status.in_(list(statuses))).order_by(Chunk.id)
     return list(session.scalars(stmt))
 
@@ -137,22 +138,22 @@ def claim_chunk(
     """
     run = _lock_run(session, run_id)
     chunk = session.get(Chunk, (run_id, chunk_id), with_for_update=True, populate_existing=True)
-    if run is None or chunk is None or chunk.status in ("done", "failed", "cancelled"):
+    if run is None or chunk is None or chunk.status in (ChunkStatus.DONE, ChunkStatus.FAILED, ChunkStatus.CANCELLED):
         return None
-    if run.status == "cancelled":
+    if run.status == RunStatus.CANCELLED:
         return None
     if chunk.attempts >= max_attempts:
         reason = f"gave up after {chunk.attempts} attempts"
         if chunk.error:
             reason += f"; last error: {chunk.error}"
-        _finish_chunk(session, run, chunk, "failed", error=reason)
+        _finish_chunk(session, run, chunk, ChunkStatus.FAILED, error=reason)
         return None
     chunk.attempts += 1
-    chunk.status = "running"
+    chunk.status = ChunkStatus.RUNNING
     chunk.worker = worker
     chunk.started_at = utcnow()
-    if run.status == "queued":
-        run.status = "running"
+    if run.status == RunStatus.QUEUED:
+        run.status = RunStatus.RUNNING
         run.started_at = run.started_at or utcnow()
     return ChunkClaim(run_id, chunk_id, chunk.attempts, chunk.start_idx, chunk.end_idx)
 
@@ -166,23 +167,23 @@ def complete_chunk(session: Session, run_id: int, chunk_id: int, *, generate_sec
         return
     chunk.generate_seconds = generate_seconds
     chunk.device, chunk.dtype, chunk.engine = device, dtype, engine
-    _finish_chunk(session, run, chunk, "done", error=None)
+    _finish_chunk(session, run, chunk, ChunkStatus.DONE, error=None)
 
 
 def fail_chunk(session: Session, run_id: int, chunk_id: int, *, error: str, final: bool) -> None:
     """Record a chunk's error; `final` fails it, otherwise it goes back to `queued` for another try."""
     run = _lock_run(session, run_id)
     chunk = session.get(Chunk, (run_id, chunk_id), with_for_update=True, populate_existing=True)
-    if run is None or chunk is None or chunk.status in ("done", "cancelled"):
+    if run is None or chunk is None or chunk.status in (ChunkStatus.DONE, ChunkStatus.CANCELLED):
         return
     if final:
-        _finish_chunk(session, run, chunk, "failed", error=error)
+        _finish_chunk(session, run, chunk, ChunkStatus.FAILED, error=error)
     else:
-        chunk.status = "queued"
+        chunk.status = ChunkStatus.QUEUED
         chunk.error = error[:MAX_ERROR_CHARS]
 
 
-def _finish_chunk(session: Session, run: Run, chunk: Chunk, status: str, *, error: str | None) -> None:
+def _finish_chunk(session: Session, run: Run, chunk: Chunk, status: ChunkStatus, *, error: str | None) -> None:
     chunk.status = status
     chunk.finished_at = utcnow()
     chunk.error = error[:MAX_ERROR_CHARS] if error else None
@@ -197,18 +198,18 @@ def settle_run(session: Session, run: Run) -> None:
             select(Chunk.status, func.count()).where(Chunk.run_id == run.id).group_by(Chunk.status)
         ).all()
     )
-    if counts.get("queued", 0) or counts.get("running", 0) or run.status in ("cancelled",):
+    if counts.get(ChunkStatus.QUEUED, 0) or counts.get(ChunkStatus.RUNNING, 0) or run.status == RunStatus.CANCELLED:
         return
     run.finished_at = utcnow()
-    failed = chunk_ids(session, run.id, ["failed"])
+    failed = chunk_ids(session, run.id, [ChunkStatus.FAILED])
     if failed:
         first = session.scalar(
             select(Chunk.error).where(Chunk.run_id == run.id, Chunk.id == failed[0])
         )
-        run.status = "failed"
+        run.status = RunStatus.FAILED
         run.error = f"chunk(s) {', '.join(map(str, failed))} failed: {first}"[:MAX_ERROR_CHARS]
     else:
-        run.status = "completed"
+        run.status = RunStatus.COMPLETED
         run.error = None
 
 
@@ -219,11 +220,11 @@ def cancel_run(session: Session, run_id: int) -> int:
         return 0
     result = session.execute(
         update(Chunk)
-        .where(Chunk.run_id == run_id, Chunk.status == "queued")
-        .values(status="cancelled", finished_at=utcnow())
+        .where(Chunk.run_id == run_id, Chunk.status == ChunkStatus.QUEUED)
+        .values(status=ChunkStatus.CANCELLED, finished_at=utcnow())
     )
-    if run.status in ("queued", "running"):
-        run.status = "cancelled"
+    if run.status in (RunStatus.QUEUED, RunStatus.RUNNING):
+        run.status = RunStatus.CANCELLED
         run.finished_at = utcnow()
     return int(result.rowcount or 0)  # type: ignore[attr-defined]
 
@@ -233,14 +234,15 @@ def requeue_run(session: Session, run_id: int) -> list[int]:
     run = _lock_run(session, run_id)
     if run is None:
         return []
-    ids = chunk_ids(session, run_id, ["queued", "failed", "cancelled", "running"])
+    ids = chunk_ids(session, run_id, [ChunkStatus.QUEUED, ChunkStatus.FAILED, ChunkStatus.CANCELLED,
+                                      ChunkStatus.RUNNING])
     if ids:
         session.execute(
             update(Chunk)
             .where(Chunk.run_id == run_id, Chunk.id.in_(ids))
-            .values(status="queued", attempts=0, error=None, finished_at=None, queued_at=utcnow())
+            .values(status=ChunkStatus.QUEUED, attempts=0, error=None, finished_at=None, queued_at=utcnow())
         )
-        run.status = "queued" if not run.started_at else "running"
+        run.status = RunStatus.QUEUED if not run.started_at else RunStatus.RUNNING
         run.error = None
         run.finished_at = None
     return ids

@@ -3,16 +3,19 @@
 Tables: `runs` (one per submitted config), `variants` (base + each adapter of a run), `examples`
 (each dataset row with its rendered prompt), `chunks` (the unit of work on the queue) and
 `generations` (one row per run, example and variant). The views `outputs` and `comparisons`
-(public, stable) are created by the migrations, see `db/views.py`.
+(public, stable) are created by the migrations. Status and finish-reason columns are plain strings in
+SQL, limited by CHECK constraints to the values of `db.enums` (migration 0005 adds them).
 """
 
 from __future__ import annotations
 
 from datetime import datetime, timezone
+from enum import Enum
 
 from sqlalchemy import (
     JSON,
     Boolean,
+    CheckConstraint,
     DateTime,
     Float,
     ForeignKey,
@@ -25,12 +28,15 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-#: Run states. A run is `queued` until a worker takes its first chunk.
-RUN_STATUSES = ("queued", "running", "completed", "failed", "cancelled")
-#: Chunk states.
-CHUNK_STATUSES = ("queued", "running", "done", "failed", "cancelled")
-#: Why generation of one row stopped, or why it never started.
-FINISH_REASONS = ("eos", "stop", "length", "empty_prompt", "prompt_too_long")
+from .enums import BASE_VARIANT, ChunkStatus, FinishReason, RunStatus
+
+__all__ = ["BASE_VARIANT", "Base", "Chunk", "Example", "Generation", "Run", "Variant", "Verification", "utcnow"]
+
+
+def _one_of(column: str, values: type[Enum], name: str) -> CheckConstraint:
+    """`column IN (...)` over an enum's values: the CHECK constraint migration 0005 creates."""
+    listed = ", ".join(f"'{v.value}'" for v in values)
+    return CheckConstraint(f"{column} IN ({listed})", name=name)
 
 
 def utcnow() -> datetime:
@@ -48,7 +54,7 @@ class Run(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     name: Mapped[str] = mapped_column(String(200))
-    status: Mapped[str] = mapped_column(String(16), default="queued", index=True)
+    status: Mapped[str] = mapped_column(String(16), default=RunStatus.QUEUED.value, index=True)
     config: Mapped[dict] = mapped_column(JSON)  # the validated config, as a plain dict
     config_path: Mapped[str | None] = mapped_column(Text)
     base_model: Mapped[str] = mapped_column(Text)
@@ -61,9 +67,11 @@ class Run(Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     error: Mapped[str | None] = mapped_column(Text)
 
+    __table_args__ = (_one_of("status", RunStatus, "ck_runs_status"),)
+
 
 class Variant(Base):
-    """`base`, or one adapter of a run, with the hash of its files at submission."""
+    """`base` (`BASE_VARIANT`), or one adapter of a run, with the hash of its files at submission."""
 
     __tablename__ = "variants"
 
@@ -98,7 +106,7 @@ class Chunk(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)  # 0-based within the run
     start_idx: Mapped[int] = mapped_column(Integer)
     end_idx: Mapped[int] = mapped_column(Integer)  # exclusive
-    status: Mapped[str] = mapped_column(String(16), default="queued")
+    status: Mapped[str] = mapped_column(String(16), default=ChunkStatus.QUEUED.value)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     worker: Mapped[str | None] = mapped_column(String(200))
     queued_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
@@ -111,7 +119,10 @@ class Chunk(Base):
     # How it was generated when not on the engine's full fast path (an exact fallback and why); null: fast path
     engine: Mapped[str | None] = mapped_column(Text)
 
-    __table_args__ = (Index("ix_chunks_run_status", "run_id", "status"),)
+    __table_args__ = (
+        Index("ix_chunks_run_status", "run_id", "status"),
+        _one_of("status", ChunkStatus, "ck_chunks_status"),
+    )
 
 
 class Verification(Base):
@@ -158,6 +169,7 @@ class Generation(Base):
 
     __table_args__ = (
         UniqueConstraint("run_id", "example_idx", "variant", name="uq_generations_run_example_variant"),
+        _one_of("finish_reason", FinishReason, "ck_generations_finish_reason"),
         ForeignKeyConstraint(
             ["run_id", "example_idx"], ["examples.run_id", "examples.idx"], ondelete="CASCADE"
         ),

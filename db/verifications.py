@@ -13,10 +13,8 @@ from typing import Any
 from sqlalchemy import func, inspect, select
 from sqlalchemy.orm import Session
 
+from .enums import NOT_GENERATED, ChunkStatus
 from .schema import Chunk, Example, Generation, Verification
-
-#: Finish reasons of rows that were never generated, so there is nothing to regenerate.
-NOT_GENERATED = ("empty_prompt", "prompt_too_long")
 
 
 @dataclass(frozen=True)
@@ -44,7 +42,7 @@ class StoredRow:
 def done_chunk_settings(session: Session, run_id: int) -> list[ChunkSetting]:
     stmt = (
         select(Chunk.id, Chunk.device, Chunk.dtype, Chunk.end_idx - Chunk.start_idx)
-        .where(Chunk.run_id == run_id, Chunk.status == "done")
+        .where(Chunk.run_id == run_id, Chunk.status == ChunkStatus.DONE)
         .order_by(Chunk.id)
     )
     return [ChunkSetting(int(cid), device, dtype, int(n)) for cid, device, dtype, n in session.execute(stmt)]

@@ -32,8 +32,9 @@ from contract.queue import (
 )
 from contract.settings import DEFAULT_BROKER_URL, DEFAULT_DATABASE_URL, Settings
 from db.engine import make_engine, session_factory
+from db.enums import BASE_VARIANT, FINAL_RUN_STATUSES, ChunkStatus, RunStatus
 from db.migrate import upgrade
-from db.outputs import side_by_side, variant_summary
+from db.outputs import SideBySide, side_by_side, variant_summary
 from db.progress import RunProgress, recent_run_ids, run_progress
 from db.readonly import QueryError, run_readonly
 from db.runs import cancel_run, get_run, requeue_run, run_variants
@@ -159,7 +160,7 @@ def _progress_printer(enabled: bool) -> Callable[[RunProgress], None]:
         state = (progress.status, progress.rows_done, dict(progress.chunks))
         if interactive:
             click.echo("\r" + line.ljust(len(last["line"])), nl=False, err=True)
-            if progress.status in ("completed", "failed", "cancelled"):
+            if progress.status in FINAL_RUN_STATUSES:
                 click.echo("", err=True)
         elif state != last["state"]:
             click.echo(line, err=True)
@@ -175,10 +176,10 @@ def _summary(sessions: sessionmaker[Session], run_id: int) -> str:
     assert run is not None
     rows = []
     for s in summary:
-        accuracy = f"{s['correct']}/{s['scored']} = {s['accuracy']:.1%}" if s["scored"] else "no reference"
-        differs = "-" if s["differs_from_base"] is None else f"{s['differs_from_base']}/{s['rows']}"
-        mean = f"{s['mean_output_tokens']:.1f}" if s["mean_output_tokens"] is not None else "-"
-        rows.append([s["variant"], s["rows"], accuracy, differs, mean])
+        accuracy = f"{s.correct}/{s.scored} = {s.accuracy:.1%}" if s.accuracy is not None else "no reference"
+        differs = "-" if s.differs_from_base is None else f"{s.differs_from_base}/{s.rows}"
+        mean = f"{s.mean_output_tokens:.1f}" if s.mean_output_tokens is not None else "-"
+        rows.append([s.variant, s.rows, accuracy, differs, mean])
     table = display.to_table(["variant", "rows", "score", "differs from base", "mean tokens"], rows)
     head = f"run {run.id} ({run.name}): {run.status}"
     if run.error:
@@ -201,7 +202,7 @@ def _run_here(obj: Context, config: Path, *, device: str | None, quiet: bool) ->
     final = run_embedded(sessions, obj.settings, run_id, device=device, on_progress=_progress_printer(not quiet))
     click.echo(_summary(sessions, run_id))
     click.echo(run_id)
-    if final.status != "completed":
+    if final.status != RunStatus.COMPLETED:
         click.echo(f"Error: run {run_id} {final.status}: {final.error or 'see lora-compare status'}", err=True)
         sys.exit(1)
     return run_id
@@ -298,7 +299,7 @@ def _watch(sessions: sessionmaker[Session], run_id: int, interval: float = 1.0) 
     while True:
         progress = _progress(sessions, run_id)
         show(progress)
-        if progress.status in ("completed", "failed", "cancelled"):
+        if progress.status in FINAL_RUN_STATUSES:
             return progress
         time.sleep(interval)
 
@@ -321,7 +322,7 @@ def status(obj: Context, run_id: int | None, watch: bool, fmt: str, limit: int) 
             click.echo(display.to_json([p.to_json() for p in items]))
             return
         rows = [[p.id, p.name, p.status, f"{p.rows_done}/{p.rows_total}",
-                 f"{p.chunks.get('done', 0)}/{p.chunks_total}", p.chunks.get("failed", 0),
+                 f"{p.chunks.get(ChunkStatus.DONE, 0)}/{p.chunks_total}", p.chunks.get(ChunkStatus.FAILED, 0),
                  f"{p.rows_per_s:.2f}" if p.rows_per_s else "", p.created_at.strftime("%Y-%m-%d %H:%M")]
                 for p in items]
         click.echo(display.to_table(["run", "name", "status", "rows", "chunks", "failed", "rows/s", "created"], rows))
@@ -338,7 +339,7 @@ def status(obj: Context, run_id: int | None, watch: bool, fmt: str, limit: int) 
     if progress.error:
         click.echo(f"error: {progress.error}")
     for failed in progress.failed_chunks:
-        click.echo(f"chunk {failed['chunk']} failed after {failed['attempts']} attempt(s): {failed['error']}")
+        click.echo(f"chunk {failed.chunk} failed after {failed.attempts} attempt(s): {failed.error}")
 
 
 # --- reading results ---------------------------------------------------------------------------
@@ -365,11 +366,11 @@ def results(obj: Context, run_id: int, variants: tuple[str, ...], only_diff: boo
     unknown = [v for v in variants if v not in names]
     if unknown:
         raise UserError(f"run {run_id} has no variant {', '.join(unknown)} (it has {', '.join(names)})")
-    shown = ["base", *[n for n in names if n != "base" and (not variants or n in variants)]]
+    shown = [BASE_VARIANT, *[n for n in names if n != BASE_VARIANT and (not variants or n in variants)]]
     if only_diff:
         records = [r for r in records if any(
-            v in r["variants"] and "base" in r["variants"]
-            and r["variants"][v]["output"] != r["variants"]["base"]["output"] for v in shown[1:])]
+            v in r["variants"] and BASE_VARIANT in r["variants"]
+            and r["variants"][v]["output"] != r["variants"][BASE_VARIANT]["output"] for v in shown[1:])]
     if limit is not None:
         records = records[:limit]
     for r in records:
@@ -384,7 +385,8 @@ def results(obj: Context, run_id: int, variants: tuple[str, ...], only_diff: boo
         fields = ["output", "prediction", "correct"]
         columns = ["example_idx", "prompt", "reference"] + [f"{v}.{f}" for v in shown for f in fields]
         rows = [[r["example_idx"], r["prompt"], r["reference"]]
-                + [r["variants"].get(v, {}).get(f) for v in shown for f in fields] for r in records]
+                + [r["variants"][v].get(f) if v in r["variants"] else None for v in shown for f in fields]
+                for r in records]
         if fmt == "csv":
             click.echo(display.to_csv(columns, rows))
         else:
@@ -393,7 +395,7 @@ def results(obj: Context, run_id: int, variants: tuple[str, ...], only_diff: boo
             click.echo(display.to_table(narrow, [[row[i] for i in keep] for row in rows], max_cell=40))
 
 
-def _report_inputs(sessions: sessionmaker[Session], run_id: int) -> tuple[Any, list[str], list[dict[str, Any]]]:
+def _report_inputs(sessions: sessionmaker[Session], run_id: int) -> tuple[Any, list[str], list[SideBySide]]:
     with sessions() as session:
         run = get_run(session, run_id)
         if run is None:
@@ -473,7 +475,7 @@ def compare(obj: Context, run_a: int, run_b: int, variant_a: str | None, variant
     chosen = []
     for run_id, names, variant, flag in ((run_a, names_a, variant_a, "--variant-a"),
                                          (run_b, names_b, variant_b, "--variant-b")):
-        adapters = [n for n in names if n != "base"]
+        adapters = [n for n in names if n != BASE_VARIANT]
         if variant is None:
             if len(adapters) != 1:
                 raise UserError(f"run {run_id} has adapters {', '.join(adapters)}: choose one with {flag}")

@@ -6,11 +6,12 @@ import csv
 import io
 import json
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import date, datetime
 from decimal import Decimal
 from typing import Any
 
+from db.enums import ChunkStatus
 from db.progress import RunProgress
 
 #: Widest a table cell gets before it is cut with an ellipsis.
@@ -27,7 +28,7 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def to_json(records: Sequence[dict[str, Any]]) -> str:
+def to_json(records: Sequence[Mapping[str, Any]]) -> str:
     return json.dumps([{k: _plain(v) for k, v in r.items()} for r in records], indent=2, ensure_ascii=False)
 
 
@@ -35,7 +36,7 @@ def to_json_object(record: dict[str, Any]) -> str:
     return json.dumps({k: _plain(v) for k, v in record.items()}, indent=2, ensure_ascii=False)
 
 
-def to_jsonl(records: Sequence[dict[str, Any]]) -> str:
+def to_jsonl(records: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(json.dumps({k: _plain(v) for k, v in r.items()}, ensure_ascii=False) for r in records)
 
 
@@ -90,10 +91,10 @@ def progress_line(p: RunProgress, *, width: int | None = None) -> str:
     filled = int(round(p.fraction * bar_width))
     bar = "#" * filled + "." * (bar_width - filled)
     rate = f"{p.rows_per_s:.1f} rows/s" if p.rows_per_s else "- rows/s"
-    failed = p.chunks.get("failed", 0)
+    failed = p.chunks.get(ChunkStatus.FAILED, 0)
     fail = f"  {failed} failed" if failed else ""
     reused = f" ({p.rows_reused} reused)" if p.rows_reused else ""
     return (
         f"run {p.id} {p.status:<9} [{bar}] {p.rows_done}/{p.rows_total} rows{reused}  "
-        f"chunks {p.chunks.get('done', 0)}/{p.chunks_total}{fail}  {rate}  ETA {_duration(p.eta_s)}"
+        f"chunks {p.chunks.get(ChunkStatus.DONE, 0)}/{p.chunks_total}{fail}  {rate}  ETA {_duration(p.eta_s)}"
     )

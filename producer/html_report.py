@@ -9,6 +9,8 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+from db.enums import BASE_VARIANT
+
 from .report import Records, Report, VariantStats, _p, _pct, verified_line
 
 _TOKENS = re.compile(r"(\s+)")
@@ -43,7 +45,7 @@ def _accuracy_svg(variants: Sequence[VariantStats]) -> str:
         y = 10 + i * row_h
         w = (v.accuracy or 0) * _BAR_W
         lo, hi = left + (v.ci_low or 0) * _BAR_W, left + (v.ci_high or 0) * _BAR_W
-        cls = "base" if v.variant == "base" else "adapter"
+        cls = "base" if v.variant == BASE_VARIANT else "adapter"
         parts += [
             f"<text x='{left - 8}' y='{y + 17}' text-anchor='end' class='label'>{html.escape(v.variant)}</text>",
             f"<rect x='{left}' y='{y}' width='{w:.1f}' height='22' class='{cls}'><title>{v.correct}/{v.n}</title></rect>",
@@ -97,7 +99,7 @@ def _lengths_svg(variants: Sequence[VariantStats]) -> str:
         top = max(counts) or 1
         bars = "".join(
             f"<rect x='{i * 12}' y='{60 - c / top * 56:.1f}' width='10' height='{c / top * 56:.1f}' "
-            f"class='{'base' if v.variant == 'base' else 'adapter'}'><title>{c} outputs of "
+            f"class='{'base' if v.variant == BASE_VARIANT else 'adapter'}'><title>{c} outputs of "
             f"{i * width:.0f}-{(i + 1) * width:.0f} tokens</title></rect>" for i, c in enumerate(counts))
         mean = "-" if v.mean_tokens is None else f"{v.mean_tokens:.1f}"
         cells.append(f"<figure><svg width='{bins * 12}' height='62' role='img' aria-label='lengths'>{bars}"
@@ -112,7 +114,7 @@ def _mark(correct: bool | None) -> str:
 def _disagreements(records: Records, adapters: Sequence[str]) -> tuple[str, int]:
     rows = []
     for r in records:
-        base = r["variants"].get("base")
+        base = r["variants"].get(BASE_VARIANT)
         if base is None:
             continue
         for name in adapters:
@@ -163,7 +165,7 @@ document.body.dataset.ready='1';})();
 
 
 def render_html(report: Report, records: Records, meta: dict[str, Any]) -> str:
-    adapters = [v.variant for v in report.variants if v.variant != "base"]
+    adapters = [v.variant for v in report.variants if v.variant != BASE_VARIANT]
     columns_v = ["variant", "rows", "correct", "accuracy", "95% CI", "mean tokens"]
     vrows = "".join(
         f"<tr><td>{html.escape(s.variant)}</td><td>{s.rows}</td><td>{s.correct}/{s.n}</td>"

@@ -10,9 +10,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from db.enums import BASE_VARIANT
+from db.outputs import SideBySide, VariantCell
+
 from .stats import mcnemar_exact, paired_bootstrap, wilson
 
-Records = Sequence[dict[str, Any]]
+Records = Sequence[SideBySide]
 
 
 @dataclass(frozen=True)
@@ -92,7 +95,7 @@ class Report:
         return {"run_id": self.run_id, "variants": variants, "comparisons": [c.to_json() for c in self.comparisons]}
 
 
-def _cells(records: Records, variant: str) -> dict[int, dict[str, Any]]:
+def _cells(records: Records, variant: str) -> dict[int, VariantCell]:
     return {r["example_idx"]: r["variants"][variant] for r in records if variant in r["variants"]}
 
 
@@ -109,7 +112,7 @@ def variant_stats(records: Records, variant: str) -> VariantStats:
                         sum(lengths) / len(lengths) if lengths else None, lengths)
 
 
-def compare_cells(baseline: dict[int, dict[str, Any]], candidate: dict[int, dict[str, Any]], *,
+def compare_cells(baseline: Mapping[int, VariantCell], candidate: Mapping[int, VariantCell], *,
                   baseline_name: str, candidate_name: str) -> Comparison:
     """Paired statistics of `candidate` against `baseline` over the examples both have."""
     common = sorted(set(baseline) & set(candidate))
@@ -130,9 +133,9 @@ def compare_cells(baseline: dict[int, dict[str, Any]], candidate: dict[int, dict
 def build_report(run_id: int, records: Records, variants: Sequence[str], *, elapsed_s: float | None = None,
                  verified: Mapping[str, Verified] | None = None) -> Report:
     stats = [variant_stats(records, v) for v in variants]
-    base = _cells(records, "base")
-    comparisons = [compare_cells(base, _cells(records, v), baseline_name="base", candidate_name=v)
-                   for v in variants if v != "base"]
+    base = _cells(records, BASE_VARIANT)
+    comparisons = [compare_cells(base, _cells(records, v), baseline_name=BASE_VARIANT, candidate_name=v)
+                   for v in variants if v != BASE_VARIANT]
     rows = sum(s.rows for s in stats)
     tokens = sum(sum(s.lengths) for s in stats)
     rate = rows / elapsed_s if elapsed_s else None

@@ -16,6 +16,7 @@ from contract.artifacts import AdapterInfo, base_model_shapes, check_adapter_fit
 from contract.config import RunConfig, load_config
 from contract.errors import ConfigError
 from contract.settings import Settings
+from db.enums import BASE_VARIANT
 from db.runs import NewExample, NewVariant, create_run
 
 from .dataset import file_sha256, read_rows
@@ -83,7 +84,7 @@ def prepare_run(config_path: str | Path, settings: Settings, *, require_base: bo
 def register_run(session: Session, prepared: PreparedRun) -> int:
     """Record the run, its variants, examples and chunks (all queued); returns the run id."""
     config = prepared.config
-    variants = [NewVariant("base", None, None)] + [
+    variants = [NewVariant(BASE_VARIANT, None, None)] + [
         NewVariant(info.name, str(info.path), info.sha256) for info in prepared.adapters
     ]
     run = create_run(

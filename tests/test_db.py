@@ -7,7 +7,7 @@ from sqlalchemy import inspect, select, text
 
 from db.engine import make_engine, session_factory
 from db.migrate import current_revision, head_revision, upgrade
-from db.outputs import done_pairs, insert_generations, side_by_side, variant_summary
+from db.outputs import NewGeneration, done_pairs, insert_generations, side_by_side, variant_summary
 from db.progress import run_progress
 from db.readonly import QueryError, run_readonly
 from db.runs import (
@@ -44,12 +44,12 @@ def _new_run(sessions, n: int = 5, chunk_size: int = 2) -> int:  # type: ignore[
         return run.id
 
 
-def _gen(run_id: int, idx: int, variant: str, output: str, correct: bool | None) -> dict:  # type: ignore[type-arg]
-    return {
-        "run_id": run_id, "example_idx": idx, "variant": variant, "chunk_id": idx // 2, "output": output,
-        "prediction": output, "correct": correct, "prompt_tokens": 3, "output_tokens": 2, "finish_reason": "eos",
-        "base_model_hash": "b" * 64, "adapter_hash": None if variant == "base" else "f" * 64, "worker": "w",
-    }
+def _gen(run_id: int, idx: int, variant: str, output: str, correct: bool | None) -> NewGeneration:
+    return NewGeneration(
+        run_id=run_id, example_idx=idx, variant=variant, chunk_id=idx // 2, output=output,
+        prediction=output, correct=correct, prompt_tokens=3, output_tokens=2, finish_reason="eos",
+        base_model_hash="b" * 64, adapter_hash=None if variant == "base" else "f" * 64, worker="w",
+    )
 
 
 def test_chunk_bounds() -> None:
@@ -80,9 +80,9 @@ def test_outputs_are_written_once_per_run_example_variant(any_db_url: str) -> No
         rows = session.execute(select(Generation.example_idx, Generation.variant, Generation.output)).all()
         assert sorted(rows) == [(0, "ad", "b"), (0, "base", "a"), (1, "base", "c")]
         assert done_pairs(session, run_id, 0, 2) == {(0, "base"), (0, "ad"), (1, "base")}
-        summary = {s["variant"]: s for s in variant_summary(session, run_id)}
-        assert summary["base"]["rows"] == 2 and summary["base"]["correct"] == 1 and summary["base"]["scored"] == 1
-        assert summary["ad"]["differs_from_base"] == 1
+        summary = {s.variant: s for s in variant_summary(session, run_id)}
+        assert summary["base"].rows == 2 and summary["base"].correct == 1 and summary["base"].scored == 1
+        assert summary["ad"].differs_from_base == 1
         assert side_by_side(session, run_id)[0]["variants"]["ad"]["output"] == "b"
     with sessions() as session:
         comparison = session.execute(text("SELECT variant, base_output, output, base_correct, correct "
@@ -112,7 +112,8 @@ def test_chunk_lifecycle_and_run_completion(any_db_url: str) -> None:
     with sessions() as session:
         progress = run_progress(session, run_id)
         assert progress.chunks == {"done": 2, "failed": 1} and progress.rows_total == 10  # type: ignore[union-attr]
-        assert progress.failed_chunks[0]["chunk"] == 1  # type: ignore[union-attr]
+        assert progress.failed_chunks[0].chunk == 1  # type: ignore[union-attr]
+        assert progress.to_json()["failed_chunks"][0]["chunk"] == 1  # type: ignore[union-attr]
     with sessions.begin() as session:
         assert requeue_run(session, run_id) == [1]
         assert get_run(session, run_id).status == "running"  # type: ignore[union-attr]

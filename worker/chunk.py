@@ -14,7 +14,6 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
 
 import torch
 from sqlalchemy.exc import OperationalError
@@ -24,7 +23,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from contract.config import GenerationConfig, RunConfig
 from contract.errors import ConfigError, FatalChunkError, RetryableChunkError
 from contract.scoring import score
-from db.outputs import cached_outputs, done_pairs, insert_generations
+from db.enums import FinishReason
+from db.outputs import CachedOutput, NewGeneration, cached_outputs, done_pairs, insert_generations
 from db.runs import chunk_examples, claim_chunk, complete_chunk, fail_chunk, get_run, run_variants
 
 from .decoding import DecodeOptions
@@ -67,8 +67,8 @@ class OutputRecord:
     output_ids: list[int] | None = None  # every generated token (None: not generated, or copied from a row without)
 
 
-#: Looks up cache keys: key -> {"id", "output", "output_tokens", "finish_reason", "output_ids"} of an earlier output.
-CacheLookup = Callable[[list[str]], dict[str, dict[str, Any]]]
+#: Looks up cache keys: key -> an earlier output with that key.
+CacheLookup = Callable[[list[str]], dict[str, CachedOutput]]
 
 #: Bumped whenever what goes into a cache key changes, so that older keys never match.
 CACHE_KEY_VERSION = 2
@@ -166,8 +166,8 @@ def run_chunk(
     elapsed = time.perf_counter() - started
     by_row: dict[int, GenResult] = dict(zip(runnable, generated))
     by_row.update(refused)
-    by_row.update({k: GenResult(h["output"], int(h["output_tokens"]), h["finish_reason"],
-                                None if h.get("output_ids") is None else tuple(h["output_ids"]))
+    by_row.update({k: GenResult(h.output, h.output_tokens, h.finish_reason,
+                                None if h.output_ids is None else tuple(h.output_ids))
                    for k, h in reused.items()})
     results = [by_row[k] for k in range(len(rows))]
 
@@ -187,7 +187,7 @@ def run_chunk(
                 base_model_hash=host.base_hash,
                 adapter_hash=adapters[variant.name][1],
                 cache_key=keys[k] if k not in refused else None,
-                reused_from=reused[k]["id"] if k in reused else None,
+                reused_from=reused[k].id if k in reused else None,
                 output_ids=None if result.token_ids is None else list(result.token_ids),
             )
         )
@@ -201,9 +201,9 @@ def run_chunk(
 def _unservable(ex: ChunkExample, row: GenRow, max_positions: int | None, config: RunConfig) -> GenResult | None:
     """Why a row cannot be generated (an empty prompt, a prompt too long for the model), or None."""
     if not ex.prompt.strip():
-        return GenResult("", 0, "empty_prompt")
+        return GenResult("", 0, FinishReason.EMPTY_PROMPT)
     if max_positions is not None and len(row.input_ids) + config.generation.max_new_tokens > max_positions:
-        return GenResult("", 0, "prompt_too_long")
+        return GenResult("", 0, FinishReason.PROMPT_TOO_LONG)
     return None
 
 
@@ -295,7 +295,7 @@ def refuse_chunk(sessions: sessionmaker[Session], run_id: int, chunk_id: int, re
 
 
 def _write_outputs(
-    sessions: sessionmaker[Session], run_id: int, chunk_id: int, rows: list[dict[str, Any]], outcome: ChunkOutcome
+    sessions: sessionmaker[Session], run_id: int, chunk_id: int, rows: list[NewGeneration], outcome: ChunkOutcome
 ) -> None:
     """Write the chunk's outputs and mark it done, retrying while the database is unreachable."""
     deadline = time.monotonic() + WRITE_RETRY_BUDGET_S
@@ -316,7 +316,7 @@ def _write_outputs(
             delay = min(delay * 2, WRITE_RETRY_MAX_DELAY_S)
 
 
-def _lookup(sessions: sessionmaker[Session], keys: list[str]) -> dict[str, dict[str, Any]]:
+def _lookup(sessions: sessionmaker[Session], keys: list[str]) -> dict[str, CachedOutput]:
     """Earlier outputs for these cache keys; none when the database cannot say (then we generate)."""
     try:
         with sessions() as session:
@@ -326,8 +326,8 @@ def _lookup(sessions: sessionmaker[Session], keys: list[str]) -> dict[str, dict[
         return {}
 
 
-def _row(run_id: int, chunk_id: int, worker: str, record: OutputRecord) -> dict[str, Any]:
-    return {"run_id": run_id, "chunk_id": chunk_id, "worker": worker, **asdict(record)}
+def _row(run_id: int, chunk_id: int, worker: str, record: OutputRecord) -> NewGeneration:
+    return NewGeneration(run_id=run_id, chunk_id=chunk_id, worker=worker, **asdict(record))
 
 
 def _record_failure(sessions: sessionmaker[Session], run_id: int, chunk_id: int, error: str, *, final: bool) -> None:

@@ -22,6 +22,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from contract.config import GenerationConfig
+from db.enums import FinishReason
 
 from . import lora_routing
 from .decoding import DecodeOptions, decode_rows
@@ -42,7 +43,7 @@ class GenRow:
 class GenResult:
     text: str
     output_tokens: int
-    finish_reason: str  # eos | stop | length
+    finish_reason: str  # a FinishReason: eos | stop | length (or, never generated, empty_prompt | prompt_too_long)
     token_ids: tuple[int, ...] | None = None  # every generated token, EOS included when hit; None: not known
 
 
@@ -69,8 +70,8 @@ def finish(
     cut = min((pos for pos in (text.find(s) for s in stop) if pos >= 0), default=-1)
     generated = tuple(new_tokens)
     if cut >= 0:
-        return GenResult(text[:cut], len(tokens), "stop", generated)
-    return GenResult(text, len(tokens), "eos" if ended_by_eos else "length", generated)
+        return GenResult(text[:cut], len(tokens), FinishReason.STOP, generated)
+    return GenResult(text, len(tokens), FinishReason.EOS if ended_by_eos else FinishReason.LENGTH, generated)
 
 
 def _generate(

@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from contract.queue import DEFAULT_MAX_ATTEMPTS, DEFAULT_QUEUE, DEFAULT_VISIBILITY_TIMEOUT_S, TASK_NAME, enqueue_chunks
 from contract.settings import Settings
+from db.enums import FINAL_RUN_STATUSES, ChunkStatus
 from db.progress import RunProgress, run_progress
 from db.runs import chunk_ids
 
@@ -22,8 +23,6 @@ from .tasks import WorkerContext, configure, default_worker_name
 
 log = logging.getLogger(__name__)
 
-#: Run states after which nothing more happens.
-FINAL_STATES = ("completed", "failed", "cancelled")
 #: Seconds between progress polls in embedded mode (the end of a chunk also ends the wait).
 POLL_S = 0.5
 #: Seconds between polls of the in-memory queue by the embedded worker.
@@ -60,7 +59,7 @@ def run_embedded(
         with start_worker(app, pool="solo", concurrency=1, perform_ping_check=False, shutdown_timeout=600,
                           loglevel="WARNING", queues=[DEFAULT_QUEUE]):
             with sessions.begin() as session:
-                queued = chunk_ids(session, run_id, ["queued"])
+                queued = chunk_ids(session, run_id, [ChunkStatus.QUEUED])
             enqueue_chunks(app, run_id, queued)
             try:
                 while True:
@@ -69,7 +68,7 @@ def run_embedded(
                     assert progress is not None
                     if on_progress is not None:
                         on_progress(progress)
-                    if progress.status in FINAL_STATES:
+                    if progress.status in FINAL_RUN_STATUSES:
                         return progress
                     finished.wait(POLL_S)  # a chunk's end wakes us at once
                     finished.clear()

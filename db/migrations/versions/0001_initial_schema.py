@@ -10,13 +10,32 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-from db.views import COMPARISONS_VIEW, OUTPUTS_VIEW
-
 # revision identifiers, used by Alembic.
 revision: str = '0001'
 down_revision: str | Sequence[str] | None = None
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
+
+# The public views as this revision creates them, frozen here: a migration imports no live code, so
+# that a later change to the application cannot change what an old revision builds.
+OUTPUTS_VIEW = """
+CREATE VIEW outputs AS
+SELECT g.run_id, g.example_idx, g.variant, e.prompt, e.reference, g.output, g.prediction,
+       g.correct, g.output_tokens, g.finish_reason
+FROM generations g
+JOIN examples e ON e.run_id = g.run_id AND e.idx = g.example_idx
+"""
+
+COMPARISONS_VIEW = """
+CREATE VIEW comparisons AS
+SELECT a.run_id, a.example_idx, a.variant, e.prompt, e.reference,
+       b.output AS base_output, a.output, b.prediction AS base_prediction, a.prediction,
+       b.correct AS base_correct, a.correct
+FROM generations a
+JOIN generations b ON b.run_id = a.run_id AND b.example_idx = a.example_idx AND b.variant = 'base'
+JOIN examples e ON e.run_id = a.run_id AND e.idx = a.example_idx
+WHERE a.variant <> 'base'
+"""
 
 
 def upgrade() -> None:

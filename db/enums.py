@@ -1,0 +1,58 @@
+"""The fixed vocabularies of the results database: run and chunk states, finish reasons, the base variant.
+
+In SQL these are plain strings (the public surface of DESIGN.md), kept honest by CHECK constraints
+(migration 0005); in Python they are `str` enums, so a member compares, hashes, formats and
+serialises exactly like its value and can be written to a string column as it is.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+#: The variant name of the base model's rows (adapters use their own names; `base` is reserved).
+BASE_VARIANT = "base"
+
+
+class _StrEnum(str, Enum):
+    """`enum.StrEnum` for Python 3.10 too: `str()` and f-strings give the value, not `Class.MEMBER`."""
+
+    __str__ = str.__str__
+    __format__ = str.__format__  # type: ignore[assignment]
+
+
+class RunStatus(_StrEnum):
+    """A run's state. `queued` until a worker takes its first chunk."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+#: Run states after which nothing more happens.
+FINAL_RUN_STATUSES = (RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED)
+
+
+class ChunkStatus(_StrEnum):
+    """A chunk's state."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class FinishReason(_StrEnum):
+    """Why generation of one row stopped, or why it never started."""
+
+    EOS = "eos"  # the model emitted an end-of-sequence token
+    STOP = "stop"  # a configured stop string was reached (the output is cut before it)
+    LENGTH = "length"  # max_new_tokens reached
+    EMPTY_PROMPT = "empty_prompt"  # not generated: the prompt is empty
+    PROMPT_TOO_LONG = "prompt_too_long"  # not generated: prompt + max_new_tokens exceed the model's positions
+
+
+#: Finish reasons of rows that were never generated, so there is nothing to regenerate.
+NOT_GENERATED = (FinishReason.EMPTY_PROMPT, FinishReason.PROMPT_TOO_LONG)
