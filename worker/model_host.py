@@ -12,9 +12,11 @@ import logging
 import threading
 import warnings
 from collections import OrderedDict
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from peft import PeftModel
@@ -22,12 +24,17 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 from transformers.utils import logging as hf_logging
 
 from contract.artifacts import files_sha256, inspect_adapter
+from contract.config import DatasetConfig, GenerationConfig, InferenceConfig, ModelConfig
 from contract.errors import AdapterError, ModelLoadError
 from contract.settings import Settings
 
 from . import lora_routing
 from .demo_model import prepare_demo_model
-from .generation import eos_ids
+from .generation import GenResult, GenRow, eos_ids, generate_mixed, generate_separate
+from .prompts import encode_prompts
+
+if TYPE_CHECKING:
+    from .decoding import DecodeOptions
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +96,8 @@ class HostStats:
 
 
 class ModelHost:
-    """Holds the base model, its tokenizer and resident adapters for one device."""
+    """Holds the base model, its tokenizer and resident adapters for one device; the chunk planner's
+    generator (`worker.planner.ChunkGenerator`)."""
 
     def __init__(self, settings: Settings, *, device: str | None = None, max_adapters: int = DEFAULT_MAX_ADAPTERS):
         self.settings = settings
@@ -239,3 +247,43 @@ class ModelHost:
         from peft.tuners.lora import LoraLayer
 
         return [m for m in self.peft_model.modules() if isinstance(m, LoraLayer) and adapter in m.lora_A]
+
+    # --- what the chunk planner uses (worker.planner.ChunkGenerator) ---------------------------
+
+    def load_base(self, model: ModelConfig) -> ModelIdentity:
+        self.ensure_base(model.base, dtype=model.dtype, trust_remote_code=model.trust_remote_code)
+        assert self.identity is not None  # ensure_base set it
+        return self.identity
+
+    def encode(self, prompts: Sequence[str], dataset: DatasetConfig) -> list[list[int]]:
+        return encode_prompts(self.tokenizer, prompts, system_prompt=dataset.system_prompt,
+                              chat_template=dataset.chat_template)
+
+    def context_limit(self) -> int | None:
+        return self.max_positions
+
+    def generate(self, rows: Sequence[GenRow], gen: GenerationConfig, inference: InferenceConfig, *,
+                 variants: int, seed: int, options: DecodeOptions | None) -> tuple[list[GenResult], list[str]]:
+        """`inference.use_peft_directly`: every variant in one batch (mixed); else each adapter merged in turn."""
+        if gen.do_sample:
+            torch.manual_seed(seed)
+        notes: list[str] = []
+        if inference.use_peft_directly:
+            results = generate_mixed(self.model, self.tokenizer, rows, gen, batch_size=inference.batch_size,
+                                     device=self.device, variants=variants, options=options, notes=notes)
+        else:
+            results = generate_separate(self.peft_model, self.tokenizer, rows, gen, batch_size=inference.batch_size,
+                                        device=self.device, layers_of=self.adapted_layers, options=options,
+                                        notes=notes)
+        return results, notes
+
+    def device_name(self) -> str:
+        return str(self.device)
+
+    def exclusive(self) -> AbstractContextManager[object]:
+        return self.lock
+
+    def load_summary(self) -> str:
+        stats = self.stats
+        return (f"model loads so far: base {stats.base_loads}, adapters {stats.adapter_loads}; "
+                f"resident adapters {len(stats.resident_adapters)}")

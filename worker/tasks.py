@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from contract.errors import RetryableChunkError
 from contract.queue import DEFAULT_MAX_ATTEMPTS, MESSAGE_VERSION, TASK_NAME
 
-from .chunk import process_chunk, refuse_chunk
+from .chunk import Processed, process_chunk, refuse_chunk
 from .model_host import ModelHost
 
 log = logging.getLogger(__name__)
@@ -57,21 +57,22 @@ def current_context() -> WorkerContext:
 def run_chunk_task(self: Task, *args: Any, **kwargs: Any) -> str:
     """Process chunk `chunk_id` of run `run_id` (ids only; everything else is in SQL).
 
-    Any other message shape is logged and dropped (acknowledged, so never redelivered).
+    Any other message shape is logged and dropped (acknowledged, so never redelivered). Returns the
+    `Processed` value (a plain string, for Celery's result).
     """
     run_id, chunk_id = kwargs.pop("run_id", None), kwargs.pop("chunk_id", None)
     version = kwargs.pop("version", 1)
     if args or kwargs or not _is_id(run_id) or not _is_id(chunk_id) or not _is_id(version):
         log.error("rejected a malformed chunk message: args=%r run_id=%r chunk_id=%r version=%r extra=%r",
                   args[:4], run_id, chunk_id, version, sorted(kwargs)[:8])
-        return "rejected"
+        return Processed.REJECTED.value
     ctx = current_context()
     if version > MESSAGE_VERSION:
         reason = (f"the chunk's queue message has version {version}, newer than this worker reads "
                   f"({MESSAGE_VERSION}): upgrade lora-compare on the workers")
         log.error("run %s chunk %s: %s", run_id, chunk_id, reason)
         refuse_chunk(ctx.sessions, run_id, chunk_id, reason)
-        return "failed"
+        return Processed.FAILED.value
     try:
         outcome = process_chunk(
             ctx.sessions, ctx.host, run_id, chunk_id, worker=ctx.name, max_attempts=ctx.max_attempts,
@@ -79,9 +80,9 @@ def run_chunk_task(self: Task, *args: Any, **kwargs: Any) -> str:
     except RetryableChunkError as err:
         log.warning("run %s chunk %s: %s; retrying in %ss", run_id, chunk_id, err, RETRY_DELAY_S)
         raise self.retry(exc=err, countdown=RETRY_DELAY_S, max_retries=None) from err
-    if outcome == "retry":
+    if outcome is Processed.RETRY:
         raise self.retry(countdown=RETRY_DELAY_S, max_retries=None)
-    return outcome
+    return outcome.value
 
 
 def _is_id(value: Any) -> bool:

@@ -1,0 +1,64 @@
+"""A `worker.planner.ChunkGenerator` without a model: prompts encode to one id per character, and each
+row generates `<adapter>|<prompt ids>` as text, so a test can tell which rows were generated, how."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import Any
+
+from contract.config import DatasetConfig, GenerationConfig, InferenceConfig, ModelConfig
+from worker.generation import GenResult, GenRow
+from worker.model_host import ModelIdentity
+
+IDENTITY = ModelIdentity(base_hash="b" * 64, tokenizer_hash="t" * 64, dtype="float32", device="cpu", eos_ids=(2,))
+
+
+def fake_text(row: GenRow) -> str:
+    return f"{row.adapter or 'base'}|{','.join(map(str, row.input_ids))}"
+
+
+@dataclass
+class FakeGenerator:
+    """Records what it is asked; `fail` (an exception) is raised by `generate` when set."""
+
+    max_positions: int | None = None
+    fail: BaseException | None = None
+    identity: ModelIdentity = IDENTITY
+    encoded: list[list[str]] = field(default_factory=list)  # prompts of each encode call
+    generated: list[list[GenRow]] = field(default_factory=list)  # rows of each generate call
+    notes: list[str] = field(default_factory=list)
+    lock: Any = field(default_factory=threading.RLock)
+
+    def load_base(self, model: ModelConfig) -> ModelIdentity:
+        return self.identity
+
+    def ensure_adapter(self, variant: str, folder: str) -> tuple[str, str]:
+        return f"peft-{variant}", f"hash-{variant}".ljust(64, "0")
+
+    def encode(self, prompts: Sequence[str], dataset: DatasetConfig) -> list[list[int]]:
+        self.encoded.append(list(prompts))
+        system = dataset.system_prompt or ""
+        return [[ord(c) for c in system + p] for p in prompts]
+
+    def context_limit(self) -> int | None:
+        return self.max_positions
+
+    def generate(self, rows: Sequence[GenRow], gen: GenerationConfig, inference: InferenceConfig, *,
+                 variants: int, seed: int, options: Any) -> tuple[list[GenResult], list[str]]:
+        self.generated.append(list(rows))
+        if self.fail is not None:
+            raise self.fail
+        results = [GenResult(fake_text(r), len(r.input_ids) % 7 + 1, "eos", (5, 6, 2)) for r in rows]
+        return results, list(self.notes)
+
+    def device_name(self) -> str:
+        return "cpu"
+
+    def exclusive(self) -> AbstractContextManager[object]:
+        return self.lock  # type: ignore[no-any-return]
+
+    def load_summary(self) -> str:
+        return "fake"
