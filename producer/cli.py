@@ -45,8 +45,9 @@ from .submit import prepare_run, register_run
 log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
 
-#: The demo's config, in the repository next to the packages.
-DEMO_CONFIG = Path(__file__).resolve().parent.parent / "examples" / "demo.yaml"
+#: The demo's config, shipped inside the package (producer/demo/) with its dataset and adapter, so an
+#: installed lora-compare runs the demo from any folder; examples/ in a checkout links to these files.
+DEMO_CONFIG = Path(__file__).resolve().parent / "demo" / "demo.yaml"
 
 
 @dataclass
@@ -228,7 +229,7 @@ def run(obj: Context, config: Path, device: str, quiet: bool) -> None:
 def demo(obj: Context, config: Path, device: str, quiet: bool) -> None:
     """Prepare the bundled SmolLM2-135M-Instruct model and demo adapter, then run the demo end to end."""
     if not config.is_file():
-        raise click.ClickException(f"{config}: the demo config is missing (run from a checkout of lora-compare)")
+        raise click.ClickException(f"{config}: the demo config is missing")
     _run_here(obj, config, device=device, quiet=quiet)
 
 
