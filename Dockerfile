@@ -1,6 +1,7 @@
 # lora-compare GPU worker and CLI image.
 # A CUDA PyTorch base image; then the project is installed the way the Makefile installs it (torch
-# first, then the package, editable, so `lora-compare demo` finds examples/), minus the dev extras.
+# first, then the package, editable), minus the dev extras. The demo's config, dataset and adapter
+# ship inside the package (producer/demo/); examples/ links to them, for users of the image.
 FROM pytorch/pytorch:2.7.1-cuda12.6-cudnn9-runtime
 
 ENV PYTHONUNBUFFERED=1 \
