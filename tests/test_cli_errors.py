@@ -16,7 +16,7 @@ NO_BROKER = "redis://127.0.0.1:1/0"
 
 GOOD = """
 model:
-  base: demo
+  base: {base}
   adapters:
     attn: {attn}
 dataset:
@@ -26,22 +26,33 @@ dataset:
 """
 
 
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A tiny random Llama made here (not the demo model: these cases never generate) and a LoRA adapter for it."""
+    from tests.tiny_models import ADAPTERS, make_adapter, make_model
+
+    root = tmp_path_factory.mktemp("tiny")
+    base = make_model("llama", root / "base")
+    return base, make_adapter(base, "llama", ADAPTERS["r1"], root / "attn", seed=1)
+
+
 @pytest.fixture
-def workdir(tmp_path: Path, test_adapters: dict[str, Path]) -> Path:
+def workdir(tmp_path: Path, tiny: tuple[Path, Path]) -> Path:
     write_arith_dataset(tmp_path / "data.jsonl")
-    (tmp_path / "good.yaml").write_text(GOOD.format(attn=test_adapters["attn"]))
+    base, adapter = tiny
+    (tmp_path / "good.yaml").write_text(GOOD.format(base=base, attn=adapter))
     return tmp_path
 
 
 @pytest.fixture(scope="session")
 def foreign_adapter(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real LoRA adapter trained on another (tiny) Llama: its shapes do not fit the demo model."""
+    """A real LoRA adapter made for another tiny Llama: its shapes do not fit the base of `tiny`."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    tiny = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    tiny = LlamaForCausalLM(LlamaConfig(hidden_size=48, intermediate_size=128, num_hidden_layers=2,
                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=1000))
     model = get_peft_model(tiny, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     out = tmp_path_factory.mktemp("foreign") / "adapter"
@@ -100,7 +111,6 @@ CASES = {
 }
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("command", ["submit", "run"])
 def test_bad_config_is_one_line_and_queues_nothing(workdir: Path, case: str, command: str) -> None:
@@ -115,7 +125,6 @@ def _adapter_line(workdir: Path) -> str:
     return next(ln for ln in (workdir / "good.yaml").read_text().splitlines() if ln.startswith("    attn: "))
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("command", ["submit", "run"])
 def test_missing_adapter_folder(workdir: Path, command: str) -> None:
     path = _edit(workdir, _adapter_line(workdir), "    attn: /nonexistent/adapter")
@@ -124,7 +133,6 @@ def test_missing_adapter_folder(workdir: Path, command: str) -> None:
     assert _runs_in(workdir) == 0
 
 
-@pytest.mark.slow
 def test_malformed_dataset_line(workdir: Path) -> None:
     with (workdir / "data.jsonl").open("a") as fh:
         fh.write('{"a": 1, "b": \n')
@@ -133,7 +141,6 @@ def test_malformed_dataset_line(workdir: Path) -> None:
     assert _runs_in(workdir) == 0
 
 
-@pytest.mark.slow
 def test_empty_dataset(workdir: Path) -> None:
     (workdir / "data.jsonl").write_text("\n")
     code, output = _invoke(workdir, "submit", str(workdir / "good.yaml"))
@@ -141,7 +148,6 @@ def test_empty_dataset(workdir: Path) -> None:
     assert _runs_in(workdir) == 0
 
 
-@pytest.mark.slow
 def test_adapter_made_for_another_base_model(workdir: Path, foreign_adapter: Path) -> None:
     path = _edit(workdir, _adapter_line(workdir), f"    attn: {foreign_adapter}")
     for command in ("submit", "run"):
@@ -150,11 +156,10 @@ def test_adapter_made_for_another_base_model(workdir: Path, foreign_adapter: Pat
     assert _runs_in(workdir) == 0
 
 
-@pytest.mark.slow
-def test_pickle_only_adapter_is_refused(workdir: Path, test_adapters: dict[str, Path]) -> None:
+def test_pickle_only_adapter_is_refused(workdir: Path, tiny: tuple[Path, Path]) -> None:
     folder = workdir / "pickled"
     folder.mkdir()
-    (folder / "adapter_config.json").write_text((test_adapters["attn"] / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text((tiny[1] / "adapter_config.json").read_text())
     (folder / "adapter_model.bin").write_bytes(b"not really a pickle")
     code, output = _invoke(workdir, "submit", str(_edit(workdir, _adapter_line(workdir), f"    attn: {folder}")))
     _assert_one_line_error(code, output, "adapter_model.bin", "safetensors")
