@@ -27,8 +27,8 @@ from contract.scoring import score
 from db.outputs import cached_outputs, done_pairs, insert_generations
 from db.runs import chunk_examples, claim_chunk, complete_chunk, fail_chunk, get_run, run_variants
 
-from .decoding import DecodeOptions
-from .generation import GenResult, GenRow, generate_mixed, generate_separate
+from .engine.call import DecodeOptions
+from .engine.generation import GenResult, GenRow, generate_mixed, generate_separate
 from .model_host import ModelHost, ModelIdentity
 from .prompts import encode_prompts
 

@@ -25,9 +25,9 @@ from contract.artifacts import files_sha256, inspect_adapter
 from contract.errors import AdapterError, ModelLoadError
 from contract.settings import Settings
 
-from . import lora_routing
 from .demo_model import prepare_demo_model
-from .generation import eos_ids
+from .engine import lora_routing
+from .engine.generation import eos_ids
 
 log = logging.getLogger(__name__)
 
