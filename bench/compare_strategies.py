@@ -7,7 +7,7 @@ Strategies (each in its own process, so its peak memory is its own):
   b     reference: one PeftModel, prompts formatted once per chunk, a base pass with the adapter
         disabled, then one pass per adapter (the optimised reference script);
   c     lora-compare: on the demo model, the worker's chunk path (`worker.chunk.run_chunk`: tokenize,
-        generate, score); on a synthetic shape, its decode engine (`worker.decoding.decode_rows`).
+        generate, score); on a synthetic shape, its decode engine (`worker.engine.scheduler.decode_rows`).
 
 Per strategy: wall time, rows/s, generated tokens/s, peak memory (CPU: the process's peak RSS since
 the base model was loaded; GPU: peak allocated), agreement of outputs with (b), the ratios against
@@ -298,7 +298,7 @@ class Workload:
         """(comparable output, tokens generated)."""
         if self.synthetic:
             return new_tokens, len(new_tokens)
-        from worker.generation import finish
+        from worker.engine.generation import finish
 
         done = finish(self.tokenizer, new_tokens, eos_ids={self.tokenizer.eos_token_id}, stop=())
         return done.text, done.output_tokens
@@ -350,8 +350,10 @@ def run_strategy(name: str, spec: dict[str, Any], *, batch: int, new_tokens: int
                 collect(variant, _generate(peft, formatted, new_tokens, work.pad_id))
     elif work.synthetic:
         from contract.config import GenerationConfig
-        from worker import lora_routing
-        from worker.decoding import DecodeOptions, decode_rows
+        from worker.engine import lora_routing
+        from worker.engine.call import DecodeOptions
+        from worker.engine.request import DecodeRequest
+        from worker.engine.scheduler import decode_rows
 
         peft = _attach(work, model, spec)
         lora_routing.install(peft)
@@ -359,8 +361,8 @@ def run_strategy(name: str, spec: dict[str, Any], *, batch: int, new_tokens: int
         for start in range(0, work.count, chunk):
             prompts = spec["token_prompts"][start:start + chunk]
             rows = [(p, v) for p in prompts for v in variants]
-            gens = decode_rows(peft, [p for p, _ in rows], GenerationConfig(max_new_tokens=new_tokens), eos_ids=set(),
-                               pad_id=work.pad_id, device=model.device,
+            request = DecodeRequest(GenerationConfig(max_new_tokens=new_tokens), set(), work.pad_id, model.device)
+            gens = decode_rows(peft, [p for p, _ in rows], request,
                                options=DecodeOptions(capacity=batch * len(variants)),
                                adapter_names=["__base__" if v == "base" else v for _, v in rows])
             for (_, variant), g in zip(rows, gens):

@@ -3,7 +3,7 @@ decode engine's capacity, refill and output-projection choices (bench/README.md)
 
 For the demo model (float32 on CPU), prints side by side, per row count: one decode pass of the
 whole model (a 40-token cache, best of several), and the output projection alone (the 49152 x 576
-LM head), run as is and on the row count padded to a multiple of 8 as `worker.decoding` does on CPU.
+LM head), run as is and on the row count padded to a multiple of 8 as `worker.engine.cpu_head` does on CPU.
 
     .venv/bin/python bench/rows_per_pass.py                 # about a minute on 2 cores
     .venv/bin/python bench/rows_per_pass.py --rows 8 13 16
@@ -45,15 +45,15 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, DynamicCache
 
     from contract.settings import Settings
-    from worker.decoding import _PAD_ROWS, _padded_rows_forward
     from worker.demo_model import prepare_demo_model
+    from worker.engine.cpu_head import PAD_ROWS, padded_rows_forward
 
     model = AutoModelForCausalLM.from_pretrained(prepare_demo_model(Settings.from_env().demo_model_dir),
                                                  dtype=torch.float32).eval()
     head = model.get_output_embeddings()
     print(f"demo model, float32, {torch.get_num_threads()} threads; milliseconds, best of 3")
     print(f"{'rows':>4}  {'pass':>7}  {'per row':>7}  {'head':>7}  {'head, rows padded to 8k':>23}")
-    _PAD_ROWS.set(True)  # as inside `decode_rows` on CPU
+    PAD_ROWS.set(True)  # as inside `decode_rows` on CPU
     with torch.inference_mode():
         for rows in args.rows:
             cache = DynamicCache()
@@ -63,7 +63,7 @@ def main() -> None:
             hidden = torch.randn(rows, 1, head.in_features)
             passed = best_ms(one_pass, model, token, cache, number=5)
             plain = best_ms(torch.nn.functional.linear, hidden, head.weight)
-            padded = best_ms(_padded_rows_forward, head, hidden)
+            padded = best_ms(padded_rows_forward, head, hidden)
             print(f"{rows:>4}  {passed:>7.1f}  {passed / rows:>7.2f}  {plain:>7.1f}  {padded:>23.1f}")
 
 

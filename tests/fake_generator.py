@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from contract.config import DatasetConfig, GenerationConfig, InferenceConfig, ModelConfig
-from worker.generation import GenResult, GenRow
+from worker.engine.generation import GenResult, GenRow
 from worker.model_host import ModelIdentity
 
 IDENTITY = ModelIdentity(base_hash="b" * 64, tokenizer_hash="t" * 64, dtype="float32", device="cpu", eos_ids=(2,))

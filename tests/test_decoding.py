@@ -17,12 +17,20 @@ import pytest
 import torch
 
 from contract.config import GenerationConfig
-from worker import lora_routing
-from worker.decoding import DecodeOptions, common_prefix, decode_rows
+from worker.engine import kv_cache, lora_routing
+from worker.engine.call import DecodeOptions
+from worker.engine.prefix import common_prefix
+from worker.engine.request import DecodeRequest
+from worker.engine.scheduler import decode_rows
 
 VOCAB = 256
 EOS = set(range(3, 3 + VOCAB // 5))
 NEW_TOKENS = 12
+CPU = torch.device("cpu")
+
+
+def request(gen: GenerationConfig, eos: set[int] = EOS) -> DecodeRequest:
+    return DecodeRequest(gen, eos, 0, CPU)
 
 
 @pytest.fixture(scope="module")
@@ -88,9 +96,8 @@ VARIANTS = {
 @pytest.mark.parametrize("label", list(VARIANTS))
 def test_each_optimisation_leaves_outputs_equal_to_single_prompt_generation(tiny: dict[str, Any], label: str) -> None:
     rows = tiny["rows"]
-    got = decode_rows(tiny["model"], [p for p, _ in rows], GenerationConfig(max_new_tokens=NEW_TOKENS), eos_ids=EOS,
-                      pad_id=0, device=torch.device("cpu"), options=VARIANTS[label],
-                      adapter_names=[n for _, n in rows])
+    got = decode_rows(tiny["model"], [p for p, _ in rows], request(GenerationConfig(max_new_tokens=NEW_TOKENS)),
+                      options=VARIANTS[label], adapter_names=[n for _, n in rows])
     assert got == tiny["reference"]
 
 
@@ -108,8 +115,7 @@ def test_a_batch_without_adapters_samples_reproducibly_from_its_seed(tiny: dict[
 
     def decode(gen: GenerationConfig, seed: int = 0) -> list[list[int]]:
         torch.manual_seed(seed)
-        return decode_rows(tiny["model"], prompts, gen, eos_ids=EOS, pad_id=0, device=torch.device("cpu"),
-                           options=DecodeOptions(capacity=4))
+        return decode_rows(tiny["model"], prompts, request(gen), options=DecodeOptions(capacity=4))
 
     sampling = GenerationConfig(max_new_tokens=NEW_TOKENS, do_sample=True, temperature=0.8, top_p=0.9)
     with tiny["model"].disable_adapter():
@@ -140,12 +146,12 @@ NUCLEUS_PROBS = [0.5, 0.3, 0.15, 0.05]
 def test_top_p_samples_only_from_the_nucleus_in_proportion(top_p: float, nucleus: int) -> None:
     """Probabilities 0.5, 0.3, 0.15, 0.05: top-p keeps the most likely tokens until their sum reaches
     top_p (0.7: two tokens, 0.85: three), renormalised; 4000 draws hit every kept token and no other."""
-    from worker.decoding import _sample
+    from worker.engine.sampling import SamplingParams, sample
 
     draws = 4000
     logits, where = _shuffled_logits(NUCLEUS_PROBS, draws, seed=5)
     torch.manual_seed(0)
-    chosen = _sample(logits, GenerationConfig(do_sample=True, top_p=top_p))  # [draws]
+    chosen = sample(logits, params=SamplingParams.from_config(GenerationConfig(do_sample=True, top_p=top_p)))
     rank = (where == chosen[:, None]).int().argmax(dim=1)  # [draws]: which of NUCLEUS_PROBS was drawn
     counts = torch.bincount(rank, minlength=len(NUCLEUS_PROBS)).tolist()
     assert all(c > 0 for c in counts[:nucleus]) and all(c == 0 for c in counts[nucleus:]), counts
@@ -160,13 +166,13 @@ def test_top_p_samples_only_from_the_nucleus_in_proportion(top_p: float, nucleus
                          ids=["tiny top_p", "tiny temperature", "greedy"])
 def test_sampling_that_leaves_one_token_is_the_argmax(gen: GenerationConfig) -> None:
     """Logits 0.01 apart: at temperature 1e-4 the runner-up has probability e^-100 of the winner."""
-    from worker.decoding import _sample
+    from worker.engine.sampling import SamplingParams, sample
 
     rows, vocab = 500, 50
     rng = torch.Generator().manual_seed(7)
     logits = torch.stack([torch.randperm(vocab, generator=rng) for _ in range(rows)]).float() * 0.01
     torch.manual_seed(0)
-    assert torch.equal(_sample(logits, gen), logits.argmax(dim=-1))
+    assert torch.equal(sample(logits, params=SamplingParams.from_config(gen)), logits.argmax(dim=-1))
     assert len(set(logits.argmax(dim=-1).tolist())) > vocab // 2  # the winner moves: not one token every time
 
 
@@ -216,8 +222,8 @@ def test_a_model_with_a_lora_variant_runs_one_pass_per_variant() -> None:
     assert not lora_routing.install(peft) and lora_routing.mixing(peft).mode == "per_variant"
     prompts = [[40, 41, 42, 43, 50 + i] for i in range(3)]
     names = ["__base__", "d", "d"]
-    got = decode_rows(peft, prompts, GenerationConfig(max_new_tokens=5), eos_ids=set(), pad_id=0,
-                      device=torch.device("cpu"), options=DecodeOptions(capacity=4), adapter_names=names)
+    got = decode_rows(peft, prompts, request(GenerationConfig(max_new_tokens=5), set()),
+                      options=DecodeOptions(capacity=4), adapter_names=names)
     with torch.inference_mode():
         for ids, name, tokens in zip(prompts, names, got):
             kwargs = dict(input_ids=torch.tensor([ids]), max_new_tokens=5, do_sample=False, pad_token_id=0)
@@ -234,9 +240,7 @@ def test_the_cache_kept_in_place_hands_attention_what_a_concatenated_cache_would
     """`_RowsLayer` writes steps, finished rows, trims and joining rows in place (moving or growing its
     buffer when it runs out of room); whatever it does, attention must see exactly the keys and values
     of a plain cache that concatenates, pads on the left and indexes, with the shared prefix in front."""
-    from worker import decoding
-
-    monkeypatch.setattr(decoding._RowsLayer, "SPARE", 1)  # out of room often: every move and growth path runs
+    monkeypatch.setattr(kv_cache.RowsLayer, "SPARE", 1)  # out of room often: every move and growth path runs
     rng = random.Random(3)
     gen = torch.Generator().manual_seed(3)
     heads, dim, plen = 2, 4, 3
@@ -251,7 +255,7 @@ def test_the_cache_kept_in_place_hands_attention_what_a_concatenated_cache_would
     for case in range(20):
         rows = rng.randrange(1, 5)
         pick = [rng.randrange(3) for _ in range(rows)]
-        layer = decoding._RowsLayer(prefix if case % 2 else None, pick, reserve=rng.randrange(rows, 9))
+        layer = kv_cache.RowsLayer(prefix if case % 2 else None, pick, reserve=rng.randrange(rows, 9))
         first = (torch.randn(rows, heads, rng.randrange(1, 6), dim, generator=gen),) * 2
         ref_k, ref_v = first[0], first[0] * 2
         layer.update(ref_k, ref_v)
@@ -296,29 +300,52 @@ def test_the_cache_kept_in_place_hands_attention_what_a_concatenated_cache_would
 
 
 def test_decoding_with_a_cache_that_is_always_out_of_room_is_unchanged(tiny: dict[str, Any], monkeypatch: Any) -> None:
-    from worker import decoding
-
-    monkeypatch.setattr(decoding._RowsLayer, "SPARE", 0)
+    monkeypatch.setattr(kv_cache.RowsLayer, "SPARE", 0)
     rows = tiny["rows"]
-    got = decode_rows(tiny["model"], [p for p, _ in rows], GenerationConfig(max_new_tokens=NEW_TOKENS), eos_ids=EOS,
-                      pad_id=0, device=torch.device("cpu"), options=DecodeOptions(capacity=7),
-                      adapter_names=[n for _, n in rows])
+    got = decode_rows(tiny["model"], [p for p, _ in rows], request(GenerationConfig(max_new_tokens=NEW_TOKENS)),
+                      options=DecodeOptions(capacity=7), adapter_names=[n for _, n in rows])
     assert got == tiny["reference"]
 
 
 @pytest.mark.parametrize("rows", [1, 7, 8, 13, 16])
 def test_the_output_projection_on_padded_rows_computes_the_same_logits(rows: int) -> None:
-    from worker import decoding
+    from worker.engine import cpu_head
 
     head = torch.nn.Linear(16, 40, bias=False)
     x = torch.randn(rows, 1, 16)
     expected = head(x)
-    decoding._pad_output_rows(type("M", (), {"get_output_embeddings": lambda self: head})())
+    model = type("M", (), {"get_output_embeddings": lambda self: head})()
+    cpu_head.pad_output_rows(model)
     assert torch.equal(head(x), expected)  # outside `decode_rows`: a plain nn.Linear
-    token = decoding._PAD_ROWS.set(True)
-    try:
+    with cpu_head.padding_rows(model, True):
         got = head(x)
-    finally:
-        decoding._PAD_ROWS.reset(token)
     assert got.shape == expected.shape
     torch.testing.assert_close(got, expected)
+
+
+def test_top_p_never_draws_outside_the_nucleus_with_a_fixed_generator() -> None:
+    """Probabilities 0.4, 0.3, 0.2, 0.1 (and a long tail of nearly nothing) at top_p 0.6: only the
+    two most likely tokens are ever drawn, the same draws again from the same generator seed; greedy
+    is the argmax whatever the generator. `sample` takes its parameters by keyword only."""
+    from worker.engine.sampling import SamplingParams, sample
+
+    vocab, draws = 32, 3000
+    probs = torch.full((vocab,), 1e-9)
+    probs[[7, 3, 20, 11]] = torch.tensor([0.4, 0.3, 0.2, 0.1])
+    logits = probs.log().expand(draws, -1).contiguous()  # [draws, vocab]
+    nucleus = SamplingParams(temperature=1.0, top_p=0.6, do_sample=True)
+
+    def draw(seed: int) -> torch.Tensor:
+        return sample(logits, params=nucleus, generator=torch.Generator().manual_seed(seed))
+
+    chosen = draw(0)
+    assert set(chosen.tolist()) == {7, 3}
+    assert torch.equal(chosen, draw(0)) and not torch.equal(chosen, draw(1))
+    assert abs((chosen == 7).float().mean().item() - 0.4 / 0.7) < 0.04  # renormalised within the nucleus
+    every = sample(logits, params=replace(nucleus, top_p=1.0), generator=torch.Generator().manual_seed(0))
+    assert {7, 3, 20, 11} <= set(every.tolist())  # without a nucleus the others are drawn too
+    greedy = sample(logits, params=SamplingParams.from_config(GenerationConfig(do_sample=False, top_p=0.6)),
+                    generator=torch.Generator().manual_seed(0))
+    assert torch.equal(greedy, logits.argmax(dim=-1))
+    with pytest.raises(TypeError):
+        sample(logits, nucleus)  # type: ignore[misc]

@@ -23,7 +23,7 @@ from contract.config import RunConfig
 from contract.settings import Settings
 from tests.tiny_models import ADAPTERS, ARCHITECTURES, make_adapter, make_model, plain_reference
 from worker.chunk import ChunkExample, VariantSpec, run_chunk
-from worker.decoding import DecodeOptions
+from worker.engine.call import DecodeOptions
 from worker.model_host import ModelHost
 
 NEW_TOKENS = 8

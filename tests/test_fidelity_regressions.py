@@ -28,7 +28,7 @@ def _load(base: Path, adapters: dict[str, Path]) -> Any:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from worker import lora_routing
+    from worker.engine import lora_routing
 
     model: Any = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32).eval()
     for name, folder in adapters.items():
@@ -55,10 +55,12 @@ def _prompts(base: Path, lengths: tuple[int, ...] = (2, 5, 9, 30)) -> list[list[
 
 
 def _decode(model: Any, prompts: list[list[int]], names: list[str] | None, **options: Any) -> list[list[int]]:
-    from worker.decoding import DecodeOptions, decode_rows
+    from worker.engine.call import DecodeOptions
+    from worker.engine.request import DecodeRequest
+    from worker.engine.scheduler import decode_rows
 
-    return decode_rows(model, prompts, GenerationConfig(max_new_tokens=NEW_TOKENS), eos_ids=set(EOS_IDS), pad_id=0,
-                       device=torch.device("cpu"), options=DecodeOptions(**{"capacity": 8, **options}),
+    request = DecodeRequest(GenerationConfig(max_new_tokens=NEW_TOKENS), set(EOS_IDS), 0, torch.device("cpu"))
+    return decode_rows(model, prompts, request, options=DecodeOptions(**{"capacity": 8, **options}),
                        adapter_names=names)
 
 

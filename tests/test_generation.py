@@ -26,7 +26,7 @@ def host(demo_model: Path, test_adapters: dict[str, Path], settings: Settings): 
 def test_merged_passes_restore_the_base_weights_exactly(host) -> None:  # type: ignore[no-untyped-def]
     import torch
 
-    from worker.generation import GenRow, generate_separate
+    from worker.engine.generation import GenRow, generate_separate
     from worker.prompts import encode_prompts
 
     model_host, names = host
@@ -43,7 +43,7 @@ def test_merged_passes_restore_the_base_weights_exactly(host) -> None:  # type: 
 
 
 def test_stop_strings_and_eos_end_rows(host) -> None:  # type: ignore[no-untyped-def]
-    from worker.generation import GenRow, generate_mixed
+    from worker.engine.generation import GenRow, generate_mixed
     from worker.prompts import encode_prompts
 
     model_host, names = host
@@ -91,8 +91,10 @@ def test_finished_rows_leave_the_batch_without_changing_outputs(host) -> None:  
     which keeps every row to the end (one batch, mixed adapters, no other optimisation)."""
     import torch
 
-    from worker.decoding import DecodeOptions, decode_rows
-    from worker.generation import eos_ids
+    from worker.engine.call import DecodeOptions
+    from worker.engine.generation import eos_ids
+    from worker.engine.request import DecodeRequest
+    from worker.engine.scheduler import decode_rows
     from worker.prompts import encode_prompts
 
     model_host, names = host
@@ -103,8 +105,8 @@ def test_finished_rows_leave_the_batch_without_changing_outputs(host) -> None:  
     eos = eos_ids(model, tokenizer)
     options = DecodeOptions(capacity=len(ids), refill=False, share_prefix=False, route_lora=False,
                             last_logits_only=False)
-    ours = decode_rows(model, ids, GenerationConfig(max_new_tokens=30), eos_ids=eos, pad_id=tokenizer.pad_token_id,
-                       device=model_host.device, options=options, adapter_names=adapters)
+    request = DecodeRequest(GenerationConfig(max_new_tokens=30), eos, tokenizer.pad_token_id, model_host.device)
+    ours = decode_rows(model, ids, request, options=options, adapter_names=adapters)
     assert len({len(t) for t in ours}) > 1  # rows did finish at different steps
     width = max(len(i) for i in ids)
     padded = torch.tensor([[tokenizer.pad_token_id] * (width - len(i)) + i for i in ids])
@@ -123,8 +125,11 @@ def test_every_optimisation_on_the_demo_model_leaves_outputs_unchanged(host) -> 
     the real model with two adapters and a system prompt: the same tokens as with none of them."""
     from dataclasses import replace
 
-    from worker.decoding import DecodeOptions, common_prefix, decode_rows
-    from worker.generation import eos_ids
+    from worker.engine.call import DecodeOptions
+    from worker.engine.generation import eos_ids
+    from worker.engine.prefix import common_prefix
+    from worker.engine.request import DecodeRequest
+    from worker.engine.scheduler import decode_rows
     from worker.prompts import encode_prompts
 
     model_host, names = host
@@ -137,9 +142,9 @@ def test_every_optimisation_on_the_demo_model_leaves_outputs_unchanged(host) -> 
     off = DecodeOptions(capacity=6, refill=False, share_prefix=False, route_lora=False, last_logits_only=False)
 
     def run(options: DecodeOptions) -> list[list[int]]:
-        return decode_rows(model, [i for i, _ in rows], GenerationConfig(max_new_tokens=20),
-                           eos_ids=eos_ids(model, tokenizer), pad_id=tokenizer.pad_token_id,
-                           device=model_host.device, options=options, adapter_names=[a for _, a in rows])
+        request = DecodeRequest(GenerationConfig(max_new_tokens=20), eos_ids(model, tokenizer),
+                                tokenizer.pad_token_id, model_host.device)
+        return decode_rows(model, [i for i, _ in rows], request, options=options, adapter_names=[a for _, a in rows])
 
     reference = run(off)
     assert len({len(t) for t in reference}) > 1

@@ -12,7 +12,7 @@ import pytest
 from contract.config import GenerationConfig, RunConfig
 from contract.errors import FatalChunkError
 from tests.fake_generator import IDENTITY, FakeGenerator, fake_text
-from worker.generation import GenRow
+from worker.engine.generation import GenRow
 from worker.planner import (
     CACHE_KEY_VERSION,
     ChunkExample,

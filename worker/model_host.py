@@ -28,13 +28,13 @@ from contract.config import DatasetConfig, GenerationConfig, InferenceConfig, Mo
 from contract.errors import AdapterError, ModelLoadError
 from contract.settings import Settings
 
-from . import lora_routing
 from .demo_model import prepare_demo_model
-from .generation import GenResult, GenRow, eos_ids, generate_mixed, generate_separate
+from .engine import lora_routing
+from .engine.generation import GenResult, GenRow, eos_ids, generate_mixed, generate_separate
 from .prompts import encode_prompts
 
 if TYPE_CHECKING:
-    from .decoding import DecodeOptions
+    from .engine.call import DecodeOptions
 
 log = logging.getLogger(__name__)
 

@@ -23,10 +23,10 @@ from contract.errors import FatalChunkError
 from contract.scoring import score
 from db.enums import FinishReason
 
-from .generation import GenResult, GenRow
+from .engine.generation import GenResult, GenRow
 
 if TYPE_CHECKING:
-    from .decoding import DecodeOptions
+    from .engine.call import DecodeOptions
     from .model_host import ModelIdentity
 
 

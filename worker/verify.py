@@ -2,11 +2,11 @@
 how many the run reproduced, per variant.
 
 The engine promises greedy float32 outputs equal, token for token, to plain PEFT generating each
-prompt alone (see `fidelity`). In bfloat16 or float16 that cannot be exact: batching, padding and
+prompt alone (see `worker.engine.fidelity`). In bfloat16 or float16 that cannot be exact: batching, padding and
 other kernels round differently, and where two tokens are nearly tied the greedy choice can flip.
 So fidelity is measured here, not assumed. The reference is independent of the engine: the base model
 is loaded with plain transformers, each adapter with PEFT's own loader (not the model host's, not
-`lora_routing`), and each prompt goes alone through `model.generate` (`plain.generate_one`) on the
+`lora_routing`), and each prompt goes alone through `model.generate` (`engine.plain.generate_one`) on the
 device and in the dtype the run's chunks recorded.
 
 For a disagreement the figure is the logit gap at the first differing token: the reference's
@@ -47,10 +47,11 @@ from db.verifications import (
     verifiable_examples,
 )
 
-from .generation import eos_ids, finish
-from .lora_routing import BASE
+from .engine.generation import eos_ids, finish
+from .engine.lora_routing import BASE
+from .engine.plain import PlainRow, generate_one, variant
+from .engine.request import DecodeRequest
 from .model_host import ModelHost, pick_device, pick_dtype
-from .plain import PlainRow, generate_one, variant
 from .prompts import encode_prompts
 
 log = logging.getLogger(__name__)
@@ -345,13 +346,13 @@ def run_verification(plan: VerifyPlan, *,
         if recorded != {len(ids)}:
             log.warning("example %d: %d prompt tokens here, %s in the run (has the tokenizer changed?)",
                         ex.idx, len(ids), ", ".join(map(str, sorted(recorded))))
+    request = DecodeRequest(gen, ref.eos_ids, ref.pad_id, ref.device, ref.tokenizer)
     results = []
     for target in plan.targets:
         found = []
         with variant(ref.model, ref.names[target.name]):
             for ex, ids in zip(plan.examples, prompts):
-                row = generate_one(ref.model, ids, gen, eos_ids=ref.eos_ids, pad_id=ref.pad_id, device=ref.device,
-                                   tokenizer=ref.tokenizer)
+                row = generate_one(ref.model, ids, request)
                 differs = compare_row(target.name, ex.rows[target.name], row, tokenizer=ref.tokenizer,
                                       eos=ref.eos_ids, stop=gen.stop)
                 if differs is not None:

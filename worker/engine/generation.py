@@ -7,13 +7,14 @@ Two strategies, chosen by `inference.use_peft_directly`:
 - merged (false): the base rows run with adapters disabled; then each adapter is merged into the
   weights for its own pass (up to `batch_size` rows at once) and the original weights are copied
   back exactly afterwards.
-Both stream rows through `decoding.decode_rows` (refill, shared prefix, finished rows leave).
+Both stream rows through `scheduler.decode_rows` (refill, shared prefix, finished rows leave).
+These are the engine's entry points for the chunk code (`worker.chunk`).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
@@ -25,8 +26,10 @@ from contract.config import GenerationConfig
 from db.enums import FinishReason
 
 from . import lora_routing
-from .decoding import DecodeOptions, decode_rows
+from .call import DecodeOptions
 from .fidelity import plan_decode
+from .request import DecodeRequest
+from .scheduler import decode_rows
 
 log = logging.getLogger(__name__)
 
@@ -74,51 +77,60 @@ def finish(
     return GenResult(text, len(tokens), FinishReason.EOS if ended_by_eos else FinishReason.LENGTH, generated)
 
 
-def _generate(
-    model: Any,
-    tokenizer: PreTrainedTokenizerBase,
-    rows: Sequence[GenRow],
-    gen: GenerationConfig,
-    *,
-    mixed: bool,
-    capacity: int,
-    device: torch.device,
-    options: DecodeOptions | None = None,
-    notes: list[str] | None = None,
-) -> list[GenResult]:
+@dataclass(frozen=True)
+class Batching:
+    """The keyword arguments of `generate_mixed` and `generate_separate`: how rows are batched.
+
+    `batch_size`: prompts in flight (mixed: each with all its `variants`, default the distinct
+    adapters among the rows); `options`: the decode options (their capacity is set from these);
+    `notes` collects the exact fallbacks taken instead of a fast path (see `fidelity`);
+    `layers_of(adapter)`: the LoRA layers an adapter changes (merged passes only).
+    """
+
+    batch_size: int
+    device: torch.device
+    variants: int | None = None
+    options: DecodeOptions | None = None
+    notes: list[str] | None = None
+    layers_of: Callable[[str], Sequence[Any]] | None = None
+
+    def decode_options(self, capacity: int) -> DecodeOptions:
+        if self.options is None:
+            return DecodeOptions(capacity=capacity)
+        return replace(self.options, capacity=capacity)
+
+    def note(self, note: str) -> None:
+        if self.notes is not None and note not in self.notes:
+            self.notes.append(note)
+
+
+def _generate(model: Any, tokenizer: PreTrainedTokenizerBase, rows: Sequence[GenRow], gen: GenerationConfig,
+              how: Batching, capacity: int) -> list[GenResult]:
+    """`rows` through `decode_rows`, at most `capacity` at once: mixed (each row through its adapter)
+    when `how.variants` is set, else through the model as it is."""
     ends = eos_ids(model, tokenizer)
-    names = [r.adapter or lora_routing.BASE for r in rows] if mixed else None
-    chosen = replace(options, capacity=capacity) if options is not None else DecodeOptions(capacity=capacity)
+    names = [r.adapter or lora_routing.BASE for r in rows] if how.variants is not None else None
+    chosen = how.decode_options(capacity)
     prompts = [r.input_ids for r in rows]
     plan = plan_decode(model, prompts, gen, chosen, names)
     for note in plan.notes:
         log.warning("exact fallback: %s", note)
-        if notes is not None and note not in notes:
-            notes.append(note)
-    new = decode_rows(model, prompts, gen, eos_ids=ends, pad_id=tokenizer.pad_token_id, device=device,
-                      options=chosen, adapter_names=names, tokenizer=tokenizer, plan=plan)
+        how.note(note)
+    request = DecodeRequest(gen, ends, tokenizer.pad_token_id, how.device, tokenizer)
+    new = decode_rows(model, prompts, request, options=chosen, adapter_names=names, plan=plan)
     return [finish(tokenizer, row, eos_ids=ends, stop=gen.stop) for row in new]
 
 
-def generate_mixed(
-    model: Any,
-    tokenizer: PreTrainedTokenizerBase,
-    rows: Sequence[GenRow],
-    gen: GenerationConfig,
-    *,
-    batch_size: int,
-    device: torch.device,
-    variants: int | None = None,
-    options: DecodeOptions | None = None,
-    notes: list[str] | None = None,
-) -> list[GenResult]:
+def generate_mixed(model: Any, tokenizer: PreTrainedTokenizerBase, rows: Sequence[GenRow], gen: GenerationConfig,
+                   **batching: Any) -> list[GenResult]:
     """All rows, base and adapters together: up to `batch_size` prompts' worth of rows, each prompt
     with all its `variants` (default: the distinct adapters among `rows`), in the batch at once. A
-    run whose base rows come from the cache thus still fills the batch with adapter rows. `notes`
-    collects the exact fallbacks taken instead of a fast path (see `fidelity`)."""
-    variants = variants or len({r.adapter for r in rows}) or 1
-    return _generate(model, tokenizer, rows, gen, mixed=True, capacity=batch_size * variants, device=device,
-                     options=options, notes=notes)
+    run whose base rows come from the cache thus still fills the batch with adapter rows.
+    `batching`: the fields of `Batching` (batch_size, device, variants, options, notes)."""
+    how = Batching(**batching)
+    how = replace(how, variants=how.variants or len({r.adapter for r in rows}) or 1)
+    assert how.variants is not None
+    return _generate(model, tokenizer, rows, gen, how, how.batch_size * how.variants)
 
 
 def unmergeable(peft_model: Any, layers: Sequence[Any], adapter: str) -> str | None:
@@ -159,22 +171,13 @@ def merged(peft_model: Any, layers: Sequence[Any], adapter: str) -> Iterator[str
                 param.data.copy_(saved[name])
 
 
-def generate_separate(
-    peft_model: Any,
-    tokenizer: PreTrainedTokenizerBase,
-    rows: Sequence[GenRow],
-    gen: GenerationConfig,
-    *,
-    batch_size: int,
-    device: torch.device,
-    layers_of: Any,
-    options: DecodeOptions | None = None,
-    notes: list[str] | None = None,
-) -> list[GenResult]:
+def generate_separate(peft_model: Any, tokenizer: PreTrainedTokenizerBase, rows: Sequence[GenRow],
+                      gen: GenerationConfig, **batching: Any) -> list[GenResult]:
     """One pass per variant: base with adapters disabled, then each adapter merged in turn.
-
-    `layers_of(adapter)` gives the LoRA layers an adapter changes.
-    """
+    `batching`: the fields of `Batching` (batch_size, device, layers_of, options, notes);
+    `layers_of(adapter)` gives the LoRA layers an adapter changes."""
+    how = replace(Batching(**batching), variants=None)
+    assert how.layers_of is not None, "merged passes need layers_of"
     results: list[GenResult | None] = [None] * len(rows)
     by_variant: dict[str | None, list[int]] = {}
     for i, row in enumerate(rows):
@@ -184,13 +187,12 @@ def generate_separate(
             context: Any = peft_model.disable_adapter()
         else:
             peft_model.set_adapter(adapter)  # layers this adapter does not touch then add nothing
-            context = merged(peft_model, layers_of(adapter), adapter)
+            context = merged(peft_model, how.layers_of(adapter), adapter)
         with context as unmerged:
-            if unmerged is not None and notes is not None:
+            if unmerged is not None and how.notes is not None:
                 log.warning("exact fallback: adapter %s runs unmerged: %s", adapter, unmerged)
-                notes.append(f"adapter {adapter} runs unmerged in merged mode: {unmerged}")
-            outs = _generate(peft_model, tokenizer, [rows[i] for i in indices], gen, mixed=False,
-                             capacity=batch_size, device=device, options=options, notes=notes)
+                how.notes.append(f"adapter {adapter} runs unmerged in merged mode: {unmerged}")
+            outs = _generate(peft_model, tokenizer, [rows[i] for i in indices], gen, how, how.batch_size)
         for i, result in zip(indices, outs):
             results[i] = result
     return [r for r in results if r is not None]

@@ -28,20 +28,27 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F  # noqa: N812
 
-#: (adapter name, first row, end row) of the batch in the forward pass under way; None: not routed.
-_ROUTE: ContextVar[tuple[tuple[str, int, int], ...] | None] = ContextVar("lora_route", default=None)
+
+class Run(NamedTuple):
+    """Rows [start, end) of a batch that share one value (an adapter name, a prefix variant)."""
+
+    value: Any
+    start: int
+    end: int
+
+
+#: The runs of adapter names of the batch in the forward pass under way; None: not routed.
+_ROUTE: ContextVar[tuple[Run, ...] | None] = ContextVar("lora_route", default=None)
 
 _FLAG = "_lora_compare_mixing"
 
 #: PEFT's name for "no adapter" in a mixed batch.
 BASE = "__base__"
-
-T = TypeVar("T")
 
 
 def _routed_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -74,8 +81,8 @@ def _routed_saved_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any)
     return torch.cat(parts)
 
 
-def _check_rows(x: torch.Tensor, segments: tuple[tuple[str, int, int], ...]) -> None:
-    rows = segments[-1][2] if segments else 0
+def _check_rows(x: torch.Tensor, segments: tuple[Run, ...]) -> None:
+    rows = segments[-1].end if segments else 0
     if x.shape[0] != rows:  # `install`'s probe makes this unreachable; never slice the wrong rows silently
         raise RuntimeError(f"routed LoRA: a layer got {x.shape[0]} rows for a batch of {rows}")
 
@@ -198,13 +205,13 @@ def _uses_variant(layer: Any) -> bool:
     return bool(getattr(layer, "lora_variant", {})) or any(getattr(layer, "use_dora", {}).values())
 
 
-def segments(names: Sequence[T]) -> tuple[tuple[T, int, int], ...]:
-    """Runs of equal adapter names (or any values): (name, start, end)."""
-    runs: list[tuple[T, int, int]] = []
+def segments(names: Sequence[Any]) -> tuple[Run, ...]:
+    """Runs of equal adapter names (or any values), in order."""
+    runs: list[Run] = []
     start = 0
     for i in range(1, len(names) + 1):
         if i == len(names) or names[i] != names[start]:
-            runs.append((names[start], start, i))
+            runs.append(Run(names[start], start, i))
             start = i
     return tuple(runs)
 

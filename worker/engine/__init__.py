@@ -1,0 +1,20 @@
+"""The decode engine: base and adapter rows generated on one resident copy of the weights.
+
+- `generation`: the entry points the chunk code calls (`generate_mixed`, `generate_separate`,
+  `eos_ids`, `finish`);
+- `scheduler`: `decode_rows`, the loop that streams rows through one batch (refill, finished rows
+  leave); `batch`: the rows in flight; `call`: `DecodeOptions` and the state of one call;
+- `kv_cache`: the KV cache written in place; `prefix`: the shared prompt prefix;
+- `sampling`: argmax or temperature + top-p; `request`: what a call generates and where rows end;
+- `lora_routing`: mixed-adapter batches without PEFT's per-layer bookkeeping; `cpu_head`: the
+  output projection on a multiple of 8 rows on CPU;
+- `fidelity`: which fast paths a call may take, and the exact fallbacks; `plain`: one prompt at a
+  time with plain transformers + PEFT, the reference;
+- `compat`: the transformers range the KV cache is built for, checked here at import.
+"""
+
+from __future__ import annotations
+
+from .compat import check_transformers
+
+check_transformers()
