@@ -37,3 +37,18 @@ def test_a_broken_layer_is_caught(tmp_path: Path) -> None:
     result = _lint_imports(config)
     assert result.returncode != 0
     assert "BROKEN" in result.stdout
+
+
+#: The most lines a module of ours may have (tests and benchmarks aside): past it, split by concept.
+MAX_MODULE_LINES = 350
+
+
+def _modules(*packages: str) -> list[Path]:
+    return sorted(p for package in packages for p in (ROOT / package).rglob("*.py"))
+
+
+def test_no_module_is_over_the_line_bound() -> None:
+    long = {str(p.relative_to(ROOT)): n for p in _modules("contract", "db", "producer", "worker")
+            if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES}
+    assert long == {}, f"modules over {MAX_MODULE_LINES} lines: {long}"
+
