@@ -16,13 +16,19 @@ from worker.model_host import ModelIdentity
 IDENTITY = ModelIdentity(base_hash="b" * 64, tokenizer_hash="t" * 64, dtype="float32", device="cpu", eos_ids=(2,))
 
 
+def fake_adapter_hash(variant: str) -> str:
+    """The hash the fake reports for a variant's adapter files (unless `FakeGenerator.adapter_hashes` says)."""
+    return f"hash-{variant}".ljust(64, "0")
+
+
 def fake_text(row: GenRow) -> str:
     return f"{row.adapter or 'base'}|{','.join(map(str, row.input_ids))}"
 
 
 @dataclass
 class FakeGenerator:
-    """Records what it is asked; `fail` (an exception) is raised by `generate` when set."""
+    """Records what it is asked; `fail` (an exception) is raised by `generate` when set; `adapter_hashes`
+    (variant -> hash) stands for adapter files changed on disk."""
 
     max_positions: int | None = None
     fail: BaseException | None = None
@@ -30,13 +36,14 @@ class FakeGenerator:
     encoded: list[list[str]] = field(default_factory=list)  # prompts of each encode call
     generated: list[list[GenRow]] = field(default_factory=list)  # rows of each generate call
     notes: list[str] = field(default_factory=list)
+    adapter_hashes: dict[str, str] = field(default_factory=dict)
     lock: Any = field(default_factory=threading.RLock)
 
     def load_base(self, model: ModelConfig) -> ModelIdentity:
         return self.identity
 
     def ensure_adapter(self, variant: str, folder: str) -> tuple[str, str]:
-        return f"peft-{variant}", f"hash-{variant}".ljust(64, "0")
+        return f"peft-{variant}", self.adapter_hashes.get(variant, fake_adapter_hash(variant))
 
     def encode(self, prompts: Sequence[str], dataset: DatasetConfig) -> list[list[int]]:
         self.encoded.append(list(prompts))

@@ -15,7 +15,7 @@ from db.engine import make_engine, session_factory
 from db.migrate import upgrade
 from db.runs import NewExample, NewVariant, create_run, get_run
 from db.schema import Chunk, Generation
-from tests.fake_generator import FakeGenerator
+from tests.fake_generator import FakeGenerator, fake_adapter_hash
 from worker.chunk import Processed, process_chunk
 from worker.model_host import ModelHost
 
@@ -59,7 +59,7 @@ def _fake_run(url: str, *, examples: int = 2) -> tuple[Any, sessionmaker[Session
     with sessions.begin() as session:
         run_id = create_run(session, name="fake", config=STORED, config_path=None, base_model="demo",
                             dataset_path="d.jsonl", dataset_sha256="0" * 64,
-                            variants=[NewVariant("base", None, None), NewVariant("a", "/a", "f" * 64)],
+                            variants=[NewVariant("base", None, None), NewVariant("a", "/a", fake_adapter_hash("a"))],
                             examples=[NewExample(i, {"q": i}, f"p{i}", None) for i in range(examples)],
                             chunk_size=examples).id
     return engine, sessions, run_id
@@ -82,7 +82,7 @@ def test_a_chunk_is_written_once_and_a_second_run_reuses_its_outputs(sqlite_url:
     with sessions.begin() as session:
         second = create_run(session, name="again", config=STORED, config_path=None, base_model="demo",
                             dataset_path="d.jsonl", dataset_sha256="0" * 64,
-                            variants=[NewVariant("base", None, None), NewVariant("a", "/a", "f" * 64)],
+                            variants=[NewVariant("base", None, None), NewVariant("a", "/a", fake_adapter_hash("a"))],
                             examples=[NewExample(i, {"q": i}, f"p{i}", None) for i in range(2)], chunk_size=2).id
     assert process_chunk(sessions, gen, second, 0, worker="w", max_attempts=3) is Processed.DONE
     assert len(gen.generated) == 1  # every row came from the cache

@@ -11,7 +11,7 @@ import pytest
 
 from contract.config import GenerationConfig, RunConfig
 from contract.errors import FatalChunkError
-from tests.fake_generator import IDENTITY, FakeGenerator, fake_text
+from tests.fake_generator import IDENTITY, FakeGenerator, fake_adapter_hash, fake_text
 from worker.engine.generation import GenRow
 from worker.planner import (
     CACHE_KEY_VERSION,
@@ -140,6 +140,22 @@ def test_a_generator_error_is_left_to_the_caller() -> None:
         run_chunk(FakeGenerator(fail=FatalChunkError("no room")), config(), examples("x"), VARIANTS)
     with pytest.raises(RuntimeError, match="device lost"):
         run_chunk(FakeGenerator(fail=RuntimeError("device lost")), config(), examples("x"), VARIANTS)
+
+
+def test_an_adapter_changed_since_submission_fails_the_chunk_naming_both_hashes() -> None:
+    """The generator hashes the files it loads; another hash than the one recorded at submission would
+    mix two adapter versions in one run, so the chunk fails before anything is generated."""
+    recorded = [VariantSpec("base", None), VariantSpec("a", "/adapters/a", fake_adapter_hash("a"))]
+    assert len(run_chunk(FakeGenerator(), config(), examples("x"), recorded).records) == 2  # unchanged: runs
+    gen = FakeGenerator(adapter_hashes={"a": "e" * 64})
+    with pytest.raises(FatalChunkError) as caught:
+        run_chunk(gen, config(), examples("x"), recorded)
+    message = str(caught.value)
+    assert "adapter 'a' (/adapters/a) changed since the run was submitted" in message
+    assert fake_adapter_hash("a") in message and "e" * 64 in message
+    assert "restore the adapter's files" in message and "submit a new run" in message
+    assert gen.encoded == [] and gen.generated == []
+    assert len(run_chunk(gen, config(), examples("x"), VARIANTS).records) == 2  # nothing recorded: not checked
 
 
 def test_an_output_that_cannot_be_scored_fails_the_chunk(monkeypatch: pytest.MonkeyPatch) -> None:

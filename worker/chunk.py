@@ -111,7 +111,7 @@ def _read_chunk(sessions: sessionmaker[Session], claim: ChunkClaim) -> _ChunkWor
             config=run.config,
             examples=[ChunkExample(e.idx, e.prompt, e.reference)
                       for e in chunk_examples(session, claim.run_id, claim.chunk_id)],
-            variants=[VariantSpec(v.name, v.adapter_path) for v in run_variants(session, claim.run_id)],
+            variants=[VariantSpec(v.name, v.adapter_path, v.adapter_hash) for v in run_variants(session, claim.run_id)],
             skip=frozenset(done_pairs(session, claim.run_id, claim.start_idx, claim.end_idx)),
         )
 

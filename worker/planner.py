@@ -39,10 +39,12 @@ class ChunkExample:
 
 @dataclass(frozen=True)
 class VariantSpec:
-    """`base` (no folder) or an adapter's variant name and folder."""
+    """`base` (no folder) or an adapter's variant name, folder and the hash of its files recorded at
+    submission (None: not recorded, so not checked)."""
 
     name: str
     adapter_path: str | None
+    adapter_hash: str | None = None
 
 
 @dataclass(frozen=True)
@@ -155,6 +157,31 @@ class PlannedRow:
     state: RowState = RowState.GENERATE
     result: GenResult | None = None
     reused_from: int | None = None
+
+
+def check_adapter(variant: VariantSpec, found: str) -> None:
+    """Refuse an adapter whose files are not the ones the run was submitted with (FatalChunkError):
+    its rows would mix two adapter versions in one run, and another attempt would find the same files."""
+    if variant.adapter_hash is None or found == variant.adapter_hash:
+        return
+    raise FatalChunkError(
+        f"adapter '{variant.name}' ({variant.adapter_path}) changed since the run was submitted: its files hashed "
+        f"{variant.adapter_hash} at submission and {found} now; restore the adapter's files as they were and "
+        "retry the run, or submit a new run to use the changed adapter")
+
+
+def load_adapters(host: ChunkGenerator, variants: Sequence[VariantSpec]) -> dict[str, tuple[str | None, str | None]]:
+    """Each variant's (generator adapter name, hash); (None, None) for the base. An adapter whose files
+    changed since submission fails the chunk (`check_adapter`)."""
+    adapters: dict[str, tuple[str | None, str | None]] = {}
+    for v in variants:
+        if v.adapter_path is None:
+            adapters[v.name] = (None, None)
+            continue
+        name, found = host.ensure_adapter(v.name, v.adapter_path)
+        check_adapter(v, found)
+        adapters[v.name] = (name, found)
+    return adapters
 
 
 def plan_rows(examples: Sequence[ChunkExample], variants: Sequence[VariantSpec],
@@ -277,10 +304,7 @@ def run_chunk(
     already knows (same weights, prompt tokens and settings) are reused instead of generated.
     `options`: the decode engine's switches (default: every fast path the model allows)."""
     identity = host.load_base(config.model)
-    adapters: dict[str, tuple[str | None, str | None]] = {
-        v.name: (None, None) if v.adapter_path is None else host.ensure_adapter(v.name, v.adapter_path)
-        for v in variants
-    }
+    adapters = load_adapters(host, variants)  # every chunk: the host hashes each adapter's files anew
     rows = plan_rows(examples, variants, skip)
     needed = prompts_to_encode(rows)
     if not needed:
