@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -9,6 +11,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from contract.artifacts import ADAPTER_WEIGHTS, inspect_adapter
 from contract.errors import FatalChunkError, RetryableChunkError
 from contract.settings import Settings
 from db.engine import make_engine, session_factory
@@ -141,6 +144,59 @@ def test_an_unexpected_error_after_the_claim_fails_the_chunk_with_its_reason(
     status, attempts, error = _chunk(sessions, run_id)
     assert (status, attempts) == ("failed", 1) and error is not None and "KeyError: 'a surprise'" in error
     with sessions() as session:
+        run = get_run(session, run_id)
+        assert run is not None and run.status == "failed"
+    engine.dispose()
+
+
+# --- an adapter overwritten after submit, on a real model host (a tiny model made here) -------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """A tiny random Llama, a LoRA adapter for it, and another with the same shapes but other weights."""
+    from tests.tiny_models import ADAPTERS, make_adapter, make_model
+
+    root = tmp_path_factory.mktemp("tiny")
+    base = make_model("llama", root / "base")
+    return (base, make_adapter(base, "llama", ADAPTERS["r1"], root / "a", seed=1),
+            make_adapter(base, "llama", ADAPTERS["r1"], root / "other", seed=2))
+
+
+def test_an_adapter_overwritten_between_two_chunks_fails_the_second_and_keeps_the_first(
+    any_db_url: str, tmp_path: Path, tiny_llama: tuple[Path, Path, Path]
+) -> None:
+    """Once it completed with rows of two adapter versions, unreported. Now the worker's hash of the files it
+    loads is held to the one recorded at submit: chunk 1 fails in one attempt, naming both, and the run fails."""
+    base, made, other = tiny_llama
+    folder = shutil.copytree(made, tmp_path / "a")
+    recorded = inspect_adapter("a", folder).sha256
+    stored = {"name": "tiny", "model": {"base": str(base), "adapters": {"a": str(folder)}, "dtype": "float32"},
+              "dataset": {"path": "d.jsonl", "prompt": "{{ q }}"}, "generation": {"max_new_tokens": 4}}
+    engine = make_engine(any_db_url)
+    upgrade(engine)
+    sessions = session_factory(engine)
+    with sessions.begin() as session:
+        run_id = create_run(session, name="tiny", config=stored, config_path=None, base_model=str(base),
+                            dataset_path="d.jsonl", dataset_sha256="0" * 64,
+                            variants=[NewVariant("base", None, None), NewVariant("a", str(folder), recorded)],
+                            examples=[NewExample(i, {"q": i}, f"the quick fox {i}", None) for i in range(2)],
+                            chunk_size=1).id
+    host = ModelHost(Settings.from_env(), device="cpu")
+    assert process_chunk(sessions, host, run_id, 0, worker="w", max_attempts=3) is Processed.DONE
+    shutil.copyfile(other / ADAPTER_WEIGHTS, folder / ADAPTER_WEIGHTS)  # the same folder, other weights
+    found = inspect_adapter("a", folder).sha256
+    assert found != recorded
+    assert process_chunk(sessions, host, run_id, 1, worker="w", max_attempts=3) is Processed.FAILED
+    with sessions() as session:
+        chunks = {c.id: c for c in session.scalars(select(Chunk).where(Chunk.run_id == run_id))}
+        assert (chunks[0].status, chunks[1].status, chunks[1].attempts) == ("done", "failed", 1)
+        error = chunks[1].error
+        assert error is not None and f"adapter 'a' ({folder})" in error and recorded in error and found in error
+        assert "restore the adapter's files" in error
+        kept = session.scalars(select(Generation).where(Generation.run_id == run_id)).all()
+        assert sorted((g.chunk_id, g.example_idx, g.variant) for g in kept) == [(0, 0, "a"), (0, 0, "base")]
+        assert {g.adapter_hash for g in kept if g.variant == "a"} == {recorded}
         run = get_run(session, run_id)
         assert run is not None and run.status == "failed"
     engine.dispose()
