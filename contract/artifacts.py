@@ -45,6 +45,14 @@ def files_sha256(paths: list[Path]) -> str:
     return digest.hexdigest()
 
 
+def adapter_changed(name: str, folder: str | Path | None, recorded: str | None, found: str, *,
+                    run: str = "the run") -> str:
+    """What to say of an adapter whose files no longer hash as they did when `run` was submitted (the
+    worker's refusal of a chunk and `verify`'s refusal say it alike)."""
+    return (f"adapter '{name}' ({folder}) changed since {run} was submitted: its files hashed {recorded} at "
+            f"submission and {found} now")
+
+
 def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     """Tensor name -> shape, read from the file's header alone."""
     with path.open("rb") as fh:

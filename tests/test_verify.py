@@ -228,7 +228,7 @@ def test_what_cannot_be_reproduced_is_refused_in_one_line(tiny: dict[str, Any], 
     _one_line_error(_cli(db, "verify", sampled.stdout.splitlines()[-1]), "do_sample: true", "cannot be reproduced")
 
     _sql(db, "UPDATE variants SET adapter_hash = 'x' WHERE run_id = ? AND name = 'qv'", run_id)
-    _one_line_error(_cli(db, "verify", str(run_id)), "adapter 'qv'", "changed since run")
+    _one_line_error(_cli(db, "verify", str(run_id)), "adapter 'qv'", "changed since run", "hashed x at submission")
     _sql(db, "UPDATE variants SET adapter_hash = (SELECT adapter_hash FROM generations WHERE run_id = ? AND "
          "variant = 'qv' LIMIT 1) WHERE run_id = ? AND name = 'qv'", run_id, run_id)
 

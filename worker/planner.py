@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING, Protocol
 
+from contract.artifacts import adapter_changed
 from contract.config import DatasetConfig, GenerationConfig, InferenceConfig, ModelConfig, RunConfig
 from contract.errors import FatalChunkError
 from contract.scoring import score
@@ -165,9 +166,8 @@ def check_adapter(variant: VariantSpec, found: str) -> None:
     if variant.adapter_hash is None or found == variant.adapter_hash:
         return
     raise FatalChunkError(
-        f"adapter '{variant.name}' ({variant.adapter_path}) changed since the run was submitted: its files hashed "
-        f"{variant.adapter_hash} at submission and {found} now; restore the adapter's files as they were and "
-        "retry the run, or submit a new run to use the changed adapter")
+        f"{adapter_changed(variant.name, variant.adapter_path, variant.adapter_hash, found)}; restore the "
+        "adapter's files as they were and retry the run, or submit a new run to use the changed adapter")
 
 
 def load_adapters(host: ChunkGenerator, variants: Sequence[VariantSpec]) -> dict[str, tuple[str | None, str | None]]:

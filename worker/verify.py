@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from sqlalchemy.orm import Session
 
-from contract.artifacts import inspect_adapter
+from contract.artifacts import adapter_changed, inspect_adapter
 from contract.config import RunConfig
 from contract.errors import VerifyError
 from contract.settings import Settings
@@ -209,10 +209,11 @@ def plan_verification(session: Session, settings: Settings, run_id: int, *, samp
 
     targets = tuple(Target(v.name, v.adapter_path, v.adapter_hash) for v in run_variants(session, run_id))
     for target in targets:
-        if target.adapter_path is not None and inspect_adapter(target.name, target.adapter_path).sha256 \
-                != target.adapter_hash:
-            raise VerifyError(f"adapter '{target.name}' ({target.adapter_path}) changed since run {run_id} was "
-                              "generated; its outputs cannot be reproduced from these files")
+        found = None if target.adapter_path is None else inspect_adapter(target.name, target.adapter_path).sha256
+        if found is not None and found != target.adapter_hash:
+            changed = adapter_changed(target.name, target.adapter_path, target.adapter_hash, found, run=f"run {run_id}")
+            raise VerifyError(f"{changed}; its outputs cannot be reproduced from these files: restore the adapter's "
+                              "files as they were to verify the run")
     candidates = verifiable_examples(session, run_id, chunk_ids=recorded.chunk_ids, variants=len(targets))
     if not candidates:
         raise VerifyError(f"run {run_id} has no generated rows to verify")
