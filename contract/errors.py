@@ -7,6 +7,7 @@
     │   ├── AdapterError       an adapter folder: missing, not LoRA, made for another base
     │   ├── RunNotFoundError   no run has the id given; a variant the run does not have
     │   ├── VerifyError        `verify` cannot regenerate the run as asked
+    │   ├── BrokerUnavailableError  the broker cannot be reached or does not answer in time
     │   └── ModelLoadError     (also a FatalChunkError) a model or adapter does not load
     └── ChunkError             a chunk's failure, as the worker sees it
         ├── FatalChunkError    retrying would fail the same way: the chunk is failed now
@@ -45,6 +46,10 @@ class RunNotFoundError(UserError):
 
 class VerifyError(UserError):
     """`verify` cannot regenerate the run as asked (sampled outputs, no GPU here, changed model files)."""
+
+
+class BrokerUnavailableError(UserError):
+    """The broker cannot be reached or does not answer within its timeouts (the URL shown without password)."""
 
 
 class ChunkError(LoraCompareError):

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 from sqlalchemy import Connection, Engine, text
 from sqlalchemy.exc import IntegrityError, OperationalError
 
+from .engine import MIGRATION_REPLY_TIMEOUT_S, reply_timeout
+
 if TYPE_CHECKING:  # alembic is imported when a migration check runs, not when the CLI starts
     from alembic.config import Config
 
@@ -58,7 +60,8 @@ def upgrade(engine: Engine) -> str:
         return head
     cfg = _config()
     try:
-        with engine.connect() as conn, _sqlite_foreign_keys_off(conn), conn.begin():
+        with (engine.connect() as conn, reply_timeout(conn, MIGRATION_REPLY_TIMEOUT_S), _sqlite_foreign_keys_off(conn),
+              conn.begin()):
             if conn.dialect.name == "postgresql":
                 conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK_KEY})
             if MigrationContext.configure(conn).get_current_revision() != head:

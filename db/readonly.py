@@ -16,7 +16,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
-from .engine import make_engine, normalize_url
+from .engine import CLI_REPLY_TIMEOUT_S, make_engine, normalize_url
 
 #: Default time limit of a user query, in seconds (PostgreSQL statement_timeout; SQLite progress check).
 DEFAULT_TIMEOUT_S = 60.0
@@ -101,7 +101,7 @@ def _sqlite(url: str, query: str, timeout_s: float) -> QueryResult:
 def _postgres(url: str, query: str, timeout_s: float) -> QueryResult:
     import psycopg  # here, not at import: the CLI starts without it
 
-    engine = make_engine(url)
+    engine = make_engine(url, reply_timeout_s=timeout_s + CLI_REPLY_TIMEOUT_S)  # the server stops it first
     try:
         with engine.connect() as conn:
             conn.execute(text("SET TRANSACTION READ ONLY"))

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from .enums import ChunkStatus, RunStatus
@@ -108,6 +108,12 @@ def create_run(
 
 def get_run(session: Session, run_id: int) -> Run | None:
     return session.get(Run, run_id)
+
+
+def delete_run(session: Session, run_id: int) -> None:
+    """Remove a run and, by the foreign keys' cascades, everything recorded under it (a run whose
+    messages could not be sent, removed by the same `submit`)."""
+    session.execute(delete(Run).where(Run.id == run_id))
 
 
 def run_variants(session: Session, run_id: int) -> list[Variant]:

@@ -119,7 +119,9 @@ class RedisServer:
 
 
 class TcpProxy:
-    """Forwards a local port to PostgreSQL; `cut()` drops every connection and refuses new ones."""
+    """Forwards a local port to PostgreSQL; `cut()` drops every connection and refuses new ones;
+    `freeze()` is a silent network cut: every connection stays open and new ones are accepted, but no
+    byte is forwarded either way until `thaw()` (connections accepted while frozen are closed then)."""
 
     def __init__(self, target_port: int = 5432) -> None:
         self.port, self.target_port = free_port(), target_port
@@ -127,6 +129,8 @@ class TcpProxy:
         self._lock = threading.Lock()
         self._listener: socket.socket | None = None
         self._stopped = threading.Event()
+        self._frozen = threading.Event()
+        self._held: list[socket.socket] = []
 
     def start(self) -> TcpProxy:
         listener = socket.socket()
@@ -147,6 +151,10 @@ class TcpProxy:
                 continue
             except OSError:
                 return
+            if self._frozen.is_set():
+                with self._lock:
+                    self._held.append(client)  # open, never answered: what a client sees across a cut
+                continue
             try:
                 upstream = socket.create_connection(("127.0.0.1", self.target_port))
             except OSError:
@@ -159,6 +167,9 @@ class TcpProxy:
     def _pipe(self, a: socket.socket, b: socket.socket) -> None:
         try:
             while True:
+                if self._frozen.is_set():
+                    self._frozen_wait()
+                    continue
                 ready, _, _ = select.select([a, b], [], [], 0.5)
                 for src in ready:
                     data = src.recv(65536)
@@ -186,6 +197,21 @@ class TcpProxy:
                 except OSError:
                     pass
             self._conns.clear()
+
+    def freeze(self) -> None:
+        self._frozen.set()
+
+    def thaw(self) -> None:
+        self._frozen.clear()
+        with self._lock:
+            held, self._held = self._held, []
+        for sock in held:
+            sock.close()
+
+    def _frozen_wait(self) -> None:
+        """Block a pipe while frozen (woken by `thaw`), without reading: bytes stay in the kernel's buffers."""
+        while self._frozen.is_set() and not self._stopped.is_set():
+            self._stopped.wait(0.2)
 
     def restore(self) -> None:
         self.start()

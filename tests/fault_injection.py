@@ -4,7 +4,9 @@ knows of it.
 `tests.cluster.Worker` starts every worker as `python -c "import tests.fault_injection; ..."`. With
 `LORA_COMPARE_FAULT_CRASH_MARKER` set in its environment, that worker kills itself (SIGKILL, as the
 out-of-memory killer would) on a chunk one of whose prompts contains the marker, after it has claimed
-the chunk and before generating it; without it, importing this module changes nothing.
+the chunk and before generating it. With `LORA_COMPARE_FAULT_HOLD_FILE` set, a worker that has
+generated a chunk holds its rows, before writing them, for as long as that file exists (the silent-cut
+test cuts the database meanwhile). Without either, importing this module changes nothing.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import signal
 from typing import Any
 
 MARKER_ENV = "LORA_COMPARE_FAULT_CRASH_MARKER"
+HOLD_ENV = "LORA_COMPARE_FAULT_HOLD_FILE"
 
 log = logging.getLogger(__name__)
 
@@ -36,4 +39,27 @@ def install(marker: str | None = os.environ.get(MARKER_ENV)) -> None:
     chunk.run_chunk = run_chunk  # type: ignore[assignment]
 
 
+def install_hold(hold_file: str | None = os.environ.get(HOLD_ENV)) -> None:
+    """Wrap `worker.chunk.run_chunk`: after generating, wait while `hold_file` exists."""
+    if not hold_file:
+        return
+    import time
+    from pathlib import Path
+
+    from worker import chunk
+
+    generate = chunk.run_chunk
+
+    def run_chunk(*args: Any, **kwargs: Any) -> Any:
+        outcome = generate(*args, **kwargs)
+        if Path(hold_file).exists():
+            log.error("fault injection: holding a generated chunk while %s exists", hold_file)
+            while Path(hold_file).exists():
+                time.sleep(0.1)
+        return outcome
+
+    chunk.run_chunk = run_chunk  # type: ignore[assignment]
+
+
 install()
+install_hold()

@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from contract.errors import RunNotFoundError
 from contract.settings import Settings
+from db.engine import WORKER_REPLY_TIMEOUT_S, WORKER_STATEMENT_TIMEOUT_S, make_engine, session_factory
 from db.enums import RunStatus
 from db.runs import get_run
 
@@ -68,7 +69,13 @@ def serve(obj: Context, *, device: str, queues: list[str], max_adapters: int, ma
     if model_roots:
         obj.settings = replace(obj.settings, model_roots=model_roots)
     logging.getLogger().setLevel(min(logging.getLogger().level, logging.INFO))
-    serve_queues(obj.sessions(migrate=True), obj.settings, device=device, queues=queues, max_adapters=max_adapters,
+    obj.sessions(migrate=True)
+    obj.engine.dispose()
+    # The worker's own engine: a longer reply limit than the CLI's and a server-side statement timeout,
+    # so a silent cut reaches the logged write-retry path instead of blocking the worker.
+    engine = make_engine(obj.settings.database_url, reply_timeout_s=WORKER_REPLY_TIMEOUT_S,
+                         statement_timeout_s=WORKER_STATEMENT_TIMEOUT_S)
+    serve_queues(session_factory(engine), obj.settings, device=device, queues=queues, max_adapters=max_adapters,
                  max_attempts=max_attempts, visibility_timeout_s=visibility_timeout_s, hostname=hostname)
 
 

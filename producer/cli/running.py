@@ -9,15 +9,16 @@ from pathlib import Path
 
 import click
 
-from contract.errors import RunNotFoundError
+from contract.errors import BrokerUnavailableError, RunNotFoundError
 from contract.queue import (
     DEFAULT_MAX_ATTEMPTS,
     DEFAULT_QUEUE,
     DEFAULT_VISIBILITY_TIMEOUT_S,
+    check_broker,
     enqueue_chunks,
     make_client,
 )
-from db.runs import cancel_run, get_run, requeue_run
+from db.runs import cancel_run, delete_run, get_run, requeue_run
 
 from .. import display
 from ..submit import prepare_run, register_run
@@ -62,10 +63,24 @@ def submit(obj: Context, config: Path, queue: str, wait: bool) -> None:
     """Validate CONFIG, record the run in SQL and queue one job per chunk; print the run id."""
     sessions = obj.sessions(migrate=True)
     prepared = prepare_run(config, obj.settings, require_base=False)
+    # Atomic: the broker must answer before the run is recorded, and a run whose messages could not all
+    # be sent is removed again, so no run is left `queued` with nothing in the queue (docs/deploying.md).
+    client = make_client(obj.settings.broker_url)
+    check_broker(client)
     with sessions.begin() as session:
         run_id = register_run(session, prepared)
         chunks = list(range(get_run(session, run_id).n_chunks))  # type: ignore[union-attr]
-    sent = enqueue_chunks(make_client(obj.settings.broker_url), run_id, chunks, queue=queue)
+    try:
+        sent = enqueue_chunks(client, run_id, chunks, queue=queue)
+    except BrokerUnavailableError as err:
+        try:
+            with sessions.begin() as session:
+                delete_run(session, run_id)
+        except Exception as cleanup:  # noqa: BLE001 - the database went too: say what is left behind
+            raise BrokerUnavailableError(f"{err}; run {run_id} was recorded but could not be removed "
+                                         f"({' '.join(str(cleanup).split())[:200]}): `lora-compare retry "
+                                         f"{run_id}` queues it once the broker answers") from None
+        raise BrokerUnavailableError(f"{err}; nothing was recorded") from None
     click.echo(f"run {run_id}: {len(prepared.examples)} examples, {sent} chunks queued on '{queue}'", err=True)
     if wait:
         watch(sessions, run_id)
@@ -117,6 +132,8 @@ def cancel(obj: Context, run_id: int) -> None:
 def retry(obj: Context, run_id: int, queue: str, here: bool, device: str) -> None:
     """Requeue RUN's failed, cancelled and unfinished chunks (outputs already written are kept)."""
     sessions = obj.sessions(migrate=True)
+    if not here:
+        check_broker(make_client(obj.settings.broker_url))
     with sessions.begin() as session:
         if get_run(session, run_id) is None:
             raise RunNotFoundError(f"no run with id {run_id}")
