@@ -63,7 +63,7 @@ def submit(obj: Context, config: Path, queue: str, wait: bool) -> None:
     sessions = obj.sessions(migrate=True)
     prepared = prepare_run(config, obj.settings, require_base=False)
     with sessions.begin() as session:
-        run_id = register_run(session, prepared)
+        run_id = register_run(session, prepared, queue=queue)
         chunks = list(range(get_run(session, run_id).n_chunks))  # type: ignore[union-attr]
     sent = enqueue_chunks(make_client(obj.settings.broker_url), run_id, chunks, queue=queue)
     click.echo(f"run {run_id}: {len(prepared.examples)} examples, {sent} chunks queued on '{queue}'", err=True)
@@ -120,7 +120,7 @@ def retry(obj: Context, run_id: int, queue: str, here: bool, device: str) -> Non
     with sessions.begin() as session:
         if get_run(session, run_id) is None:
             raise RunNotFoundError(f"no run with id {run_id}")
-        ids = requeue_run(session, run_id)
+        ids = requeue_run(session, run_id, queue=None if here else queue)
     if not ids:
         click.echo(f"run {run_id}: nothing to retry", err=True)
     elif here:
