@@ -7,6 +7,7 @@ writers anyway), so two workers finishing the last two chunks at once cannot bot
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -15,7 +16,10 @@ from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from .enums import ChunkStatus, RunStatus
+from .leases import db_now, hold_lease, lease_is_live, lock_run, take_lease, takeover_note
 from .schema import Chunk, Example, Run, Variant, utcnow
+
+log = logging.getLogger(__name__)
 
 #: Longest error text kept on a chunk or run row.
 MAX_ERROR_CHARS = 2000
@@ -47,6 +51,7 @@ class ChunkClaim:
     attempt: int
     start_idx: int
     end_idx: int
+    token: int  # the lease's fencing token: every write of this claim carries it (db.leases)
 
 
 def chunk_bounds(n_examples: int, chunk_size: int) -> list[tuple[int, int]]:
@@ -66,6 +71,7 @@ def create_run(
     variants: Sequence[NewVariant],
     examples: Sequence[NewExample],
     chunk_size: int,
+    queue: str | None = None,
 ) -> Run:
     """Insert a run with its variants, examples and chunks (all `queued`)."""
     bounds = chunk_bounds(len(examples), chunk_size)
@@ -79,6 +85,7 @@ def create_run(
         dataset_sha256=dataset_sha256,
         n_examples=len(examples),
         n_chunks=len(bounds),
+        queue=queue,
     )
     session.add(run)
     session.flush()  # assigns run.id
@@ -130,17 +137,19 @@ def chunk_ids(session: Session, run_id: int, statuses: Iterable[ChunkStatus]) ->
     return list(session.scalars(stmt))
 
 
-def _lock_run(session: Session, run_id: int) -> Run | None:
-    return session.get(Run, run_id, with_for_update=True, populate_existing=True)
+_lock_run = lock_run
 
 
 def claim_chunk(
     session: Session, run_id: int, chunk_id: int, *, worker: str, max_attempts: int
 ) -> ChunkClaim | None:
-    """Mark a chunk `running` and count the attempt; None when there is nothing to do.
+    """Mark a chunk `running` under a new lease for `worker` and count the attempt; None when there
+    is nothing to do.
 
-    Nothing to do: the chunk is already done, failed or cancelled (a redelivered message), or it
-    has used up its attempts (then it is failed here, with that reason).
+    Nothing to do: the chunk is already done, failed or cancelled (a redelivered message), it is
+    `running` under a live lease held by another worker (a duplicate message: the holder finishes it,
+    or its lease expires and is swept), or it has used up its attempts (then it is failed here, with
+    that reason). A `running` chunk whose lease expired is taken over: the holder is presumed dead.
     """
     run = _lock_run(session, run_id)
     chunk = session.get(Chunk, (run_id, chunk_id), with_for_update=True, populate_existing=True)
@@ -148,6 +157,15 @@ def claim_chunk(
         return None
     if run.status == RunStatus.CANCELLED:
         return None
+    now = db_now(session)
+    if lease_is_live(chunk, now) and chunk.worker != worker:
+        log.info("run %s chunk %s: running under a live lease of %s (token %s); this message is skipped",
+                 run_id, chunk_id, chunk.worker, chunk.lease_token)
+        return None
+    if chunk.status == ChunkStatus.RUNNING and chunk.lease_expires_at is not None:
+        # The holder's lease expired (or this same worker restarted): it is presumed dead.
+        chunk.error = takeover_note(chunk, worker, now)[:MAX_ERROR_CHARS]
+        log.warning("run %s chunk %s: %s", run_id, chunk_id, chunk.error)
     if chunk.attempts >= max_attempts:
         reason = f"gave up after {chunk.attempts} attempts"
         if chunk.error:
@@ -156,37 +174,53 @@ def claim_chunk(
         return None
     chunk.attempts += 1
     chunk.status = ChunkStatus.RUNNING
-    chunk.worker = worker
+    token = take_lease(chunk, worker, now)
     chunk.started_at = utcnow()
     if run.status == RunStatus.QUEUED:
         run.status = RunStatus.RUNNING
         run.started_at = run.started_at or utcnow()
-    return ChunkClaim(run_id, chunk_id, chunk.attempts, chunk.start_idx, chunk.end_idx)
+    return ChunkClaim(run_id, chunk_id, chunk.attempts, chunk.start_idx, chunk.end_idx, token)
 
 
 def complete_chunk(session: Session, run_id: int, chunk_id: int, *, generate_seconds: float | None,
-                   device: str | None = None, dtype: str | None = None, engine: str | None = None) -> None:
-    """Mark a chunk done, with where it ran (`device`, `dtype`) and any exact fallback it took (`engine`)."""
+                   device: str | None = None, dtype: str | None = None, engine: str | None = None,
+                   token: int | None = None) -> bool:
+    """Mark a chunk done, with where it ran (`device`, `dtype`) and any exact fallback it took (`engine`).
+
+    With `token` (a claim's), refused (False, nothing written) unless that token still holds the lease.
+    """
+    if token is not None and hold_lease(session, run_id, chunk_id, token) is None:
+        return False
     run = _lock_run(session, run_id)
     chunk = session.get(Chunk, (run_id, chunk_id), with_for_update=True, populate_existing=True)
     if run is None or chunk is None:
-        return
+        return False
+    chunk.lease_expires_at = None
     chunk.generate_seconds = generate_seconds
     chunk.device, chunk.dtype, chunk.engine = device, dtype, engine
     _finish_chunk(session, run, chunk, ChunkStatus.DONE, error=None)
+    return True
 
 
-def fail_chunk(session: Session, run_id: int, chunk_id: int, *, error: str, final: bool) -> None:
-    """Record a chunk's error; `final` fails it, otherwise it goes back to `queued` for another try."""
+def fail_chunk(session: Session, run_id: int, chunk_id: int, *, error: str, final: bool,
+               token: int | None = None) -> bool:
+    """Record a chunk's error; `final` fails it, otherwise it goes back to `queued` for another try.
+
+    With `token` (a claim's), refused (False, nothing written) unless that token still holds the lease.
+    """
+    if token is not None and hold_lease(session, run_id, chunk_id, token) is None:
+        return False
     run = _lock_run(session, run_id)
     chunk = session.get(Chunk, (run_id, chunk_id), with_for_update=True, populate_existing=True)
     if run is None or chunk is None or chunk.status in (ChunkStatus.DONE, ChunkStatus.CANCELLED):
-        return
+        return False
+    chunk.lease_expires_at = None
     if final:
         _finish_chunk(session, run, chunk, ChunkStatus.FAILED, error=error)
     else:
         chunk.status = ChunkStatus.QUEUED
         chunk.error = error[:MAX_ERROR_CHARS]
+    return True
 
 
 def _finish_chunk(session: Session, run: Run, chunk: Chunk, status: ChunkStatus, *, error: str | None) -> None:
@@ -235,11 +269,16 @@ def cancel_run(session: Session, run_id: int) -> int:
     return int(result.rowcount or 0)  # type: ignore[attr-defined]
 
 
-def requeue_run(session: Session, run_id: int) -> list[int]:
-    """Put every chunk that is not done back to `queued` with fresh attempts; returns their ids."""
+def requeue_run(session: Session, run_id: int, *, queue: str | None = None) -> list[int]:
+    """Put every chunk that is not done back to `queued` with fresh attempts; returns their ids.
+
+    `queue`: where their messages now go (recorded on the run for the lease sweep).
+    """
     run = _lock_run(session, run_id)
     if run is None:
         return []
+    if queue is not None:
+        run.queue = queue
     ids = chunk_ids(session, run_id, [ChunkStatus.QUEUED, ChunkStatus.FAILED, ChunkStatus.CANCELLED,
                                       ChunkStatus.RUNNING])
     if ids:

@@ -66,6 +66,7 @@ class Run(Base):
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     error: Mapped[str | None] = mapped_column(Text)
+    queue: Mapped[str | None] = mapped_column(String(200))  # the broker queue of its chunks; null: the default
 
     __table_args__ = (_one_of("status", RunStatus, "ck_runs_status"),)
 
@@ -118,6 +119,11 @@ class Chunk(Base):
     dtype: Mapped[str | None] = mapped_column(String(16))  # the weights' dtype as resolved: float32, ...
     # How it was generated when not on the engine's full fast path (an exact fallback and why); null: fast path
     engine: Mapped[str | None] = mapped_column(Text)
+    # The claim's lease (migration 0006): the fencing token, incremented at every claim; when the
+    # holder's lease runs out unless renewed; the holder's last heartbeat. See db/leases.py.
+    lease_token: Mapped[int | None] = mapped_column(Integer)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     __table_args__ = (
         Index("ix_chunks_run_status", "run_id", "status"),

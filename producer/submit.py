@@ -81,8 +81,10 @@ def prepare_run(config_path: str | Path, settings: Settings, *, require_base: bo
     )
 
 
-def register_run(session: Session, prepared: PreparedRun) -> int:
-    """Record the run, its variants, examples and chunks (all queued); returns the run id."""
+def register_run(session: Session, prepared: PreparedRun, *, queue: str | None = None) -> int:
+    """Record the run, its variants, examples and chunks (all queued); returns the run id.
+
+    `queue`: the broker queue its chunks go to (None: the default queue, or embedded mode)."""
     config = prepared.config
     variants = [NewVariant(BASE_VARIANT, None, None)] + [
         NewVariant(info.name, str(info.path), info.sha256) for info in prepared.adapters
@@ -98,5 +100,6 @@ def register_run(session: Session, prepared: PreparedRun) -> int:
         variants=variants,
         examples=prepared.examples,
         chunk_size=config.inference.chunk_size,
+        queue=queue,
     )
     return run.id

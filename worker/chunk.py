@@ -2,6 +2,8 @@
 
 `process_chunk` commits the claim on its own first; from then on every path ends with the chunk done,
 failed (with the reason) or given back to the queue with its error: no exception leaves it claimed.
+The claim is a lease (db/leases.py) that a heartbeat renews while the chunk runs; every write carries
+the claim's token, and is refused when another worker has taken the chunk over meanwhile.
 """
 
 from __future__ import annotations
@@ -18,9 +20,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from contract.config import RunConfig
 from contract.errors import ConfigError, FatalChunkError, RetryableChunkError
+from db.leases import hold_lease
 from db.outputs import CachedOutput, NewGeneration, cached_outputs, done_pairs, insert_generations
 from db.runs import ChunkClaim, chunk_examples, claim_chunk, complete_chunk, fail_chunk, get_run, run_variants
 
+from .lease import Heartbeat
 from .planner import (  # noqa: F401 - cache_key and CACHE_KEY_VERSION: their import path before the split
     CACHE_KEY_VERSION,
     ChunkExample,
@@ -40,7 +44,8 @@ class Processed(str, Enum):
     """What `process_chunk` did with a chunk message."""
 
     DONE = "done"  # generated (or reused) and written; the chunk is done
-    SKIPPED = "skipped"  # nothing to do: done, failed or cancelled already (a redelivered message)
+    SKIPPED = "skipped"  # nothing to do: done, failed or cancelled already (a redelivered message), or
+    # another worker holds its live lease, or took it over while this one worked (nothing written)
     RETRY = "retry"  # failed, counted, back in the queue: deliver the message again later
     FAILED = "failed"  # failed for good, the reason on the chunk
     REJECTED = "rejected"  # no such run: the message is dropped
@@ -83,15 +88,16 @@ def process_chunk(
     except _TRANSIENT_DB_ERRORS as err:
         raise RetryableChunkError(f"database unreachable: {err}") from err
     try:
-        return _process_claimed(sessions, host, claim, worker=worker, max_attempts=max_attempts)
+        with Heartbeat(sessions, run_id, chunk_id, claim.token):
+            return _process_claimed(sessions, host, claim, worker=worker, max_attempts=max_attempts)
     except RetryableChunkError:
         raise
     except _TRANSIENT_DB_ERRORS as err:
         raise RetryableChunkError(f"database unreachable: {err}") from err
     except Exception as err:  # noqa: BLE001 - any step not handled below: recorded, never left claimed
         log.exception("run %s chunk %s failed", run_id, chunk_id)
-        _record_failure(sessions, run_id, chunk_id, f"{type(err).__name__}: {err}", final=True)
-        return Processed.FAILED
+        return _record_failure(sessions, run_id, chunk_id, f"{type(err).__name__}: {err}", final=True,
+                               token=claim.token)
 
 
 @dataclass(frozen=True)
@@ -127,9 +133,9 @@ def _process_claimed(
         config = RunConfig.from_dict(work.config)
     except ConfigError as err:  # e.g. a key from a newer producer: no attempt can do better
         log.error("run %s chunk %s: the run's stored config is unusable: %s", run_id, chunk_id, err)
-        _record_failure(sessions, run_id, chunk_id, f"the run's stored config cannot be used by this worker "
-                        f"(upgrade the worker if the run was submitted by a newer lora-compare): {err}", final=True)
-        return Processed.FAILED
+        return _record_failure(sessions, run_id, chunk_id, f"the run's stored config cannot be used by this worker "
+                               f"(upgrade the worker if the run was submitted by a newer lora-compare): {err}",
+                               final=True, token=claim.token)
 
     log.info("run %s chunk %s attempt %s: %d examples x %d variants", run_id, chunk_id, claim.attempt,
              len(work.examples), len(work.variants))
@@ -140,8 +146,7 @@ def _process_claimed(
                 seed=config.generation.seed * 1_000_003 + chunk_id, cached=lambda keys: _lookup(sessions, keys),
             )
     except FatalChunkError as err:
-        _record_failure(sessions, run_id, chunk_id, str(err), final=True)
-        return Processed.FAILED
+        return _record_failure(sessions, run_id, chunk_id, str(err), final=True, token=claim.token)
     except (RetryableChunkError, *_TRANSIENT_DB_ERRORS):
         raise
     except Exception as err:  # noqa: BLE001 - any other fault: counted, then retried up to the bound
@@ -150,7 +155,8 @@ def _process_claimed(
 
     rows = [_row(run_id, chunk_id, worker, r) for r in outcome.records]
     try:
-        _write_outputs(sessions, run_id, chunk_id, rows, outcome)
+        if not _write_outputs(sessions, claim, rows, outcome):
+            return Processed.SKIPPED  # taken over meanwhile: nothing written, the new holder finishes it
     except RetryableChunkError:
         raise
     except Exception as err:  # noqa: BLE001 - a write that fails for another reason: counted and retried
@@ -164,8 +170,8 @@ def _process_claimed(
 def _count_failure(sessions: sessionmaker[Session], claim: ChunkClaim, error: str, max_attempts: int) -> Processed:
     """A fault another attempt may not repeat: back to the queue, or failed once the attempts are used."""
     final = claim.attempt >= max_attempts
-    _record_failure(sessions, claim.run_id, claim.chunk_id, error, final=final)
-    return Processed.FAILED if final else Processed.RETRY
+    outcome = _record_failure(sessions, claim.run_id, claim.chunk_id, error, final=final, token=claim.token)
+    return outcome if outcome is Processed.SKIPPED or final else Processed.RETRY
 
 
 def refuse_chunk(sessions: sessionmaker[Session], run_id: int, chunk_id: int, reason: str) -> None:
@@ -174,18 +180,25 @@ def refuse_chunk(sessions: sessionmaker[Session], run_id: int, chunk_id: int, re
 
 
 def _write_outputs(
-    sessions: sessionmaker[Session], run_id: int, chunk_id: int, rows: list[NewGeneration], outcome: ChunkOutcome
-) -> None:
-    """Write the chunk's outputs and mark it done, retrying while the database is unreachable."""
+    sessions: sessionmaker[Session], claim: ChunkClaim, rows: list[NewGeneration], outcome: ChunkOutcome
+) -> bool:
+    """Write the chunk's outputs and mark it done, retrying while the database is unreachable.
+
+    False, with nothing written, when the claim's lease has moved on: the lease is checked and the chunk
+    locked first in the same transaction, so a stale writer's rows cannot land after a new claim."""
+    run_id, chunk_id = claim.run_id, claim.chunk_id
     deadline = time.monotonic() + WRITE_RETRY_BUDGET_S
     delay = 0.5
     while True:
         try:
             with sessions.begin() as session:
+                if hold_lease(session, run_id, chunk_id, claim.token) is None:
+                    return False
                 insert_generations(session, rows)
                 complete_chunk(session, run_id, chunk_id, generate_seconds=outcome.generate_seconds,
-                               device=outcome.device, dtype=outcome.dtype, engine=outcome.engine)
-            return
+                               device=outcome.device, dtype=outcome.dtype, engine=outcome.engine,
+                               token=claim.token)
+            return True
         except _TRANSIENT_DB_ERRORS as err:
             if time.monotonic() + delay > deadline:
                 raise RetryableChunkError(f"database unreachable while writing outputs: {err}") from err
@@ -219,9 +232,14 @@ def _row(run_id: int, chunk_id: int, worker: str, record: OutputRecord) -> NewGe
     return NewGeneration(run_id=run_id, chunk_id=chunk_id, worker=worker, **asdict(record))
 
 
-def _record_failure(sessions: sessionmaker[Session], run_id: int, chunk_id: int, error: str, *, final: bool) -> None:
+def _record_failure(sessions: sessionmaker[Session], run_id: int, chunk_id: int, error: str, *, final: bool,
+                    token: int | None = None) -> Processed:
+    """FAILED once recorded; SKIPPED when `token` (the claim's) lost the lease (nothing written)."""
     try:
         with sessions.begin() as session:
+            if token is not None and hold_lease(session, run_id, chunk_id, token) is None:
+                return Processed.SKIPPED
             fail_chunk(session, run_id, chunk_id, error=error, final=final)
     except _TRANSIENT_DB_ERRORS as err:
         raise RetryableChunkError(f"database unreachable while recording a failure: {err}") from err
+    return Processed.FAILED

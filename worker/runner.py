@@ -11,13 +11,21 @@ from celery.contrib.testing.worker import start_worker
 from celery.signals import task_postrun
 from sqlalchemy.orm import Session, sessionmaker
 
-from contract.queue import DEFAULT_MAX_ATTEMPTS, DEFAULT_QUEUE, DEFAULT_VISIBILITY_TIMEOUT_S, TASK_NAME, enqueue_chunks
+from contract.queue import (
+    DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_QUEUE,
+    DEFAULT_VISIBILITY_TIMEOUT_S,
+    TASK_NAME,
+    enqueue_chunks,
+    make_client,
+)
 from contract.settings import Settings
 from db.enums import FINAL_RUN_STATUSES, ChunkStatus
 from db.progress import RunProgress, run_progress
 from db.runs import chunk_ids
 
 from .app import create_app
+from .lease import Sweeper
 from .model_host import DEFAULT_MAX_ADAPTERS, ModelHost
 from .tasks import WorkerContext, configure, default_worker_name
 
@@ -105,7 +113,9 @@ def serve(
     hostname: str | None = None,
     loglevel: str = "INFO",
 ) -> None:
-    """A long-lived worker: one process, solo pool (CUDA is not fork-safe), the model resident."""
+    """A long-lived worker: one process, solo pool (CUDA is not fork-safe), the model resident.
+
+    Beside it, a sweeper thread requeues chunks whose worker died (their lease expired: db/leases.py)."""
     from celery.utils.nodenames import default_nodename, host_format
 
     nodename = host_format(default_nodename(hostname))
@@ -115,4 +125,8 @@ def serve(
     log.info("worker %s on %s, queues %s", nodename, host.device, ",".join(queues))
     worker = app.Worker(pool="solo", concurrency=1, queues=list(queues), hostname=nodename, loglevel=loglevel,
                         without_gossip=True, without_mingle=True)
-    worker.start()
+    sweeper = Sweeper(sessions, make_client(settings.broker_url)).start()
+    try:
+        worker.start()
+    finally:
+        sweeper.stop()

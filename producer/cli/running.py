@@ -68,7 +68,7 @@ def submit(obj: Context, config: Path, queue: str, wait: bool) -> None:
     client = make_client(obj.settings.broker_url)
     check_broker(client)
     with sessions.begin() as session:
-        run_id = register_run(session, prepared)
+        run_id = register_run(session, prepared, queue=queue)
         chunks = list(range(get_run(session, run_id).n_chunks))  # type: ignore[union-attr]
     try:
         sent = enqueue_chunks(client, run_id, chunks, queue=queue)
@@ -137,7 +137,7 @@ def retry(obj: Context, run_id: int, queue: str, here: bool, device: str) -> Non
     with sessions.begin() as session:
         if get_run(session, run_id) is None:
             raise RunNotFoundError(f"no run with id {run_id}")
-        ids = requeue_run(session, run_id)
+        ids = requeue_run(session, run_id, queue=None if here else queue)
     if not ids:
         click.echo(f"run {run_id}: nothing to retry", err=True)
     elif here:

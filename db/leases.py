@@ -1,0 +1,162 @@
+"""Leases on claimed chunks: SQL is the source of truth for who works on what.
+
+A claim takes a lease: the worker's name, a new fencing token (`chunks.lease_token`, incremented at
+every claim) and an expiry `LEASE_S` ahead, which the holder's heartbeat renews every
+`HEARTBEAT_S`. A `running` chunk under a live lease held by another worker cannot be claimed (a
+duplicate or redelivered message is skipped); once the lease has expired it can be taken over. Every
+write of the holder (outputs, done, failed) carries its token and is refused when the token has moved
+on, so a worker presumed dead that wakes up writes nothing. Each worker sweeps for leases expired
+more than `LEASE_GRACE_S` ago, puts those chunks back to `queued` (guarded by the token, so exactly
+one sweeper does it) and sends a fresh message, without waiting for the broker's visibility timeout.
+
+Times come from the database's clock on PostgreSQL (workers' clocks may differ); SQLite is one host.
+Every function takes a session and never commits.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+
+from sqlalchemy import func, select, text, update
+from sqlalchemy.orm import Session
+
+from .enums import ChunkStatus
+from .schema import Chunk, Run, utcnow
+
+log = logging.getLogger(__name__)
+
+#: Seconds a claim's lease lasts without a heartbeat: how long a dead worker's chunk stays claimed.
+LEASE_S = 30.0
+#: Seconds between two renewals of a lease by its holder's heartbeat (a third of the lease, so two
+#: missed beats in a row still leave the lease alive).
+HEARTBEAT_S = LEASE_S / 3
+#: Seconds past its expiry before a lease is requeued by a sweep (absorbs a late heartbeat).
+LEASE_GRACE_S = 5.0
+#: Seconds between two sweeps for expired leases by each worker.
+SWEEP_S = LEASE_S / 3
+
+
+@dataclass(frozen=True)
+class Expired:
+    """A chunk whose lease a sweep took back: it is `queued` again and needs a fresh message."""
+
+    run_id: int
+    chunk_id: int
+    queue: str | None  # the run's queue; None: the default queue
+    worker: str | None  # the holder presumed dead
+
+
+def db_now(session: Session) -> datetime:
+    """The database's current time (PostgreSQL), or this host's (SQLite), timezone-aware UTC."""
+    if session.get_bind().dialect.name == "postgresql":
+        now = session.scalar(select(func.now()))
+        if isinstance(now, datetime):
+            return aware(now)
+    return utcnow()
+
+
+def aware(moment: datetime) -> datetime:
+    """SQLite gives back naive datetimes; everything stored is UTC."""
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=timezone.utc)
+
+
+def lock_run(session: Session, run_id: int) -> Run | None:
+    """Lock a run's row for the rest of the transaction and read it fresh.
+
+    PostgreSQL: `SELECT ... FOR UPDATE`. SQLite ignores `FOR UPDATE` and its driver begins a
+    transaction only at the first write, so a no-op write comes first: it takes the database's write
+    lock now, and everything read after it in this transaction is current until commit.
+    """
+    if session.get_bind().dialect.name == "sqlite":
+        session.execute(text("UPDATE runs SET id = id WHERE id = :r"), {"r": run_id})
+    return session.get(Run, run_id, with_for_update=True, populate_existing=True)
+
+
+def lease_is_live(chunk: Chunk, now: datetime) -> bool:
+    return (chunk.status == ChunkStatus.RUNNING and chunk.lease_expires_at is not None
+            and aware(chunk.lease_expires_at) > now)
+
+
+def take_lease(chunk: Chunk, worker: str, now: datetime) -> int:
+    """Give the (locked) chunk a new lease for `worker`; returns the new fencing token."""
+    chunk.lease_token = (chunk.lease_token or 0) + 1
+    chunk.worker = worker
+    chunk.lease_expires_at = now + timedelta(seconds=LEASE_S)
+    chunk.heartbeat_at = now
+    return chunk.lease_token
+
+
+def takeover_note(chunk: Chunk, worker: str, now: datetime) -> str:
+    """The line recorded on a `running` chunk whose lease `worker` takes: expired, or its own (restarted)."""
+    if lease_is_live(chunk, now):  # only its holder may take a live lease: the same worker, restarted
+        return f"worker {chunk.worker} restarted; its earlier claim (token {chunk.lease_token}) is taken over"
+    expired = aware(chunk.lease_expires_at).isoformat(timespec="seconds") if chunk.lease_expires_at else "?"
+    return (f"worker {chunk.worker} presumed dead: its lease (token {chunk.lease_token}) expired at {expired}; "
+            f"taken over by {worker}")
+
+
+def hold_lease(session: Session, run_id: int, chunk_id: int, token: int) -> Chunk | None:
+    """Lock the run, then the chunk; the chunk when `token` still holds its lease, else None (logged).
+
+    Call it first in the transaction that writes a holder's outputs or state: the locks last until
+    commit, so no new claim can slip in between the check and the writes.
+    """
+    lock_run(session, run_id)
+    chunk = session.get(Chunk, (run_id, chunk_id), with_for_update=True, populate_existing=True)
+    if chunk is None or chunk.lease_token != token or chunk.status != ChunkStatus.RUNNING:
+        log.warning("run %s chunk %s: lease token %s no longer holds the chunk (now token %s, %s, worker %s); "
+                    "nothing written", run_id, chunk_id, token, getattr(chunk, "lease_token", None),
+                    getattr(chunk, "status", "gone"), getattr(chunk, "worker", None))
+        return None
+    return chunk
+
+
+def renew_lease(session: Session, run_id: int, chunk_id: int, token: int) -> bool:
+    """The heartbeat: push the lease's expiry `LEASE_S` ahead; False when `token` lost the lease."""
+    now = db_now(session)
+    result = session.execute(
+        update(Chunk)
+        .where(Chunk.run_id == run_id, Chunk.id == chunk_id, Chunk.lease_token == token,
+               Chunk.status == ChunkStatus.RUNNING)
+        .values(lease_expires_at=now + timedelta(seconds=LEASE_S), heartbeat_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def expire_leases(session: Session, *, grace_s: float = LEASE_GRACE_S, limit: int = 100) -> list[Expired]:
+    """Put `running` chunks whose lease expired more than `grace_s` ago back to `queued`.
+
+    Each is guarded by its token and status, so of two sweepers exactly one takes a chunk; the token
+    moves on at once, so the presumed-dead holder's writes are refused from here. The attempt is
+    counted by the next claim. Returns what was taken back: the caller sends their messages.
+    """
+    cutoff = db_now(session) - timedelta(seconds=grace_s)
+    found = session.execute(
+        select(Chunk.run_id, Chunk.id, Chunk.lease_token)
+        .where(Chunk.status == ChunkStatus.RUNNING, Chunk.lease_expires_at.is_not(None),
+               Chunk.lease_expires_at < cutoff)
+        .order_by(Chunk.run_id, Chunk.id)
+        .limit(limit)
+    ).all()
+    taken: list[Expired] = []
+    for run_id, chunk_id, token in found:
+        run = lock_run(session, run_id)  # the run before the chunk, as every transition does
+        chunk = session.get(Chunk, (run_id, chunk_id), with_for_update=True, populate_existing=True)
+        if run is None or chunk is None or chunk.lease_token != token or chunk.status != ChunkStatus.RUNNING:
+            continue  # another sweeper or a claim got there first
+        if chunk.lease_expires_at is None or aware(chunk.lease_expires_at) >= cutoff:
+            continue  # renewed meanwhile
+        note = f"worker {chunk.worker} presumed dead: its lease (token {token}) expired at " \
+               f"{aware(chunk.lease_expires_at).isoformat(timespec='seconds')}; requeued"
+        log.warning("run %s chunk %s: %s", run_id, chunk_id, note)
+        taken.append(Expired(run_id, chunk_id, run.queue, chunk.worker))
+        chunk.status = ChunkStatus.QUEUED
+        chunk.lease_token = (token or 0) + 1
+        chunk.lease_expires_at = None
+        chunk.queued_at = utcnow()
+        chunk.error = note
+        session.flush()
+    return taken

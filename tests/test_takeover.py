@@ -1,0 +1,108 @@
+"""A killed worker's chunk is taken over through its expired lease, not the broker's visibility timeout.
+
+Real `lora-compare worker` processes on Redis and PostgreSQL with the default visibility timeout
+(3600 s): before leases, a SIGKILLed worker's chunk came back only after an hour.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from db.leases import HEARTBEAT_S, LEASE_GRACE_S, LEASE_S, SWEEP_S
+from tests.cluster import Worker, rows, scalar
+from tests.test_distributed import (
+    PAIRS,
+    REDIS,
+    _assert_exactly_once,
+    _config,
+    _done_chunks,
+    _submit,
+    _wait_final,
+    queue,  # noqa: F401 - fixture
+    workers,  # noqa: F401 - fixture
+)
+from tests.waiting import wait_until
+
+pytestmark = pytest.mark.slow
+
+#: The broker's default: redelivery after an hour, so only the lease can bring the chunk back in time.
+VISIBILITY_S = 3600
+#: The longest a dead holder's chunk waits: its lease, the grace, one sweep interval, and some slack.
+TAKEOVER_BOUND_S = LEASE_S + LEASE_GRACE_S + SWEEP_S + 15
+assert TAKEOVER_BOUND_S <= 60 and HEARTBEAT_S < LEASE_S
+
+
+def _kill_mid_chunk(db_url: str, run_id: int, candidates: list[Worker]) -> tuple[int, int, float]:
+    """SIGKILL whichever worker is generating a chunk (after a first chunk is done, so the model is
+    loaded); returns the chunk, its lease token and the moment of the kill."""
+    by_name = {w.name: w for w in candidates}
+    wait_until(lambda: _done_chunks(db_url, run_id) >= 1 and bool(rows(
+        db_url, "SELECT id FROM chunks WHERE run_id = :r AND status = 'running'", r=run_id)),
+        120, "a worker in the middle of a chunk", interval=0.05)
+    chunk_id, token, holder = rows(db_url, "SELECT id, lease_token, worker FROM chunks WHERE run_id = :r "
+                                           "AND status = 'running' ORDER BY id LIMIT 1", r=run_id)[0]
+    by_name[str(holder)].kill(signal.SIGKILL)
+    killed_at = time.monotonic()
+    status = scalar(db_url, "SELECT status FROM chunks WHERE run_id = :r AND id = :c", r=run_id, c=chunk_id)
+    assert status == "running", "the worker finished its chunk before the kill; the test proves nothing"
+    return int(chunk_id), int(token), killed_at  # type: ignore[call-overload]
+
+
+def _wait_takeover(db_url: str, run_id: int, chunk_id: int, token: int) -> None:
+    """Until another claim holds the chunk: the sweep's requeue and the fresh claim each move the token."""
+    wait_until(lambda: int(scalar(db_url, "SELECT lease_token FROM chunks WHERE run_id = :r AND id = :c",
+                                  r=run_id, c=chunk_id) or 0) >= token + 2, TAKEOVER_BOUND_S + 60,
+               "the chunk to be claimed again", interval=0.2)
+
+
+def _check_after(db_url: str, run_id: int, chunk_id: int, killed: str) -> None:
+    assert _wait_final(db_url, run_id) == "completed"
+    _assert_exactly_once(db_url, run_id, len(PAIRS), 3)
+    attempts, error = rows(db_url, "SELECT attempts, error FROM chunks WHERE run_id = :r AND id = :c",
+                           r=run_id, c=chunk_id)[0]
+    assert attempts == 2 and error is None  # the killed start counted; done clears the error
+    writers = {str(w) for (w,) in rows(db_url, "SELECT DISTINCT worker FROM generations WHERE run_id = :r "
+                                               "AND chunk_id = :c", r=run_id, c=chunk_id)}
+    assert killed not in writers
+
+
+def test_a_killed_workers_chunk_is_taken_over_by_a_live_worker(
+        tmp_path: Path, pg_url: str, queue: str, workers: list[Worker],  # noqa: F811
+        test_adapters: dict[str, Path]) -> None:
+    config = _config(tmp_path, test_adapters)
+    workers += [Worker(f"w{i}@test", pg_url, REDIS, queue, tmp_path, visibility_timeout=VISIBILITY_S)
+                for i in (1, 2)]
+    for w in workers:
+        w.start().wait_ready()
+    run_id = _submit(pg_url, REDIS, config, queue)
+    chunk_id, token, killed_at = _kill_mid_chunk(pg_url, run_id, workers)
+    killed = next(w.name for w in workers if not w.alive)
+    _wait_takeover(pg_url, run_id, chunk_id, token)
+    took = time.monotonic() - killed_at
+    print(f"\nkill-to-takeover (another worker alive): {took:.1f}s (bound {TAKEOVER_BOUND_S:.0f}s)")
+    assert took <= TAKEOVER_BOUND_S
+    _check_after(pg_url, run_id, chunk_id, killed)
+    survivor = next(w for w in workers if w.alive)
+    assert "lease of " + killed in survivor.log() and "requeued" in survivor.log()
+
+
+def test_the_only_worker_killed_and_a_new_one_started_resumes_with_no_manual_step(
+        tmp_path: Path, pg_url: str, queue: str, workers: list[Worker],  # noqa: F811
+        test_adapters: dict[str, Path]) -> None:
+    config = _config(tmp_path, test_adapters)
+    w1 = Worker("w1@test", pg_url, REDIS, queue, tmp_path, visibility_timeout=VISIBILITY_S)
+    w2 = Worker("w2@test", pg_url, REDIS, queue, tmp_path, visibility_timeout=VISIBILITY_S)
+    workers += [w1, w2]
+    w1.start().wait_ready()
+    run_id = _submit(pg_url, REDIS, config, queue)
+    chunk_id, token, killed_at = _kill_mid_chunk(pg_url, run_id, [w1])
+    w2.start()  # a supervisor's restart: a new process, a new name
+    _wait_takeover(pg_url, run_id, chunk_id, token)
+    took = time.monotonic() - killed_at
+    print(f"\nkill-to-takeover (only worker killed, new one started): {took:.1f}s (bound {TAKEOVER_BOUND_S:.0f}s)")
+    assert took <= TAKEOVER_BOUND_S
+    _check_after(pg_url, run_id, chunk_id, w1.name)
