@@ -85,7 +85,10 @@ def _duration(seconds: float | None) -> str:
 
 
 def progress_line(p: RunProgress, *, width: int | None = None) -> str:
-    """`run 3 running [#####.....] 120/240 rows  chunks 2/4  3.1 rows/s  ETA 40s`."""
+    """`run 3 running [#####.....] 120/240 rows  chunks 2/4 (1 running, 1 waiting)  3.1 rows/s  ETA 40s`.
+
+    While nothing progresses the ETA is `-`, with why: `ETA - (stalled: no row for 2m05s)`.
+    """
     columns = width or shutil.get_terminal_size((100, 20)).columns
     bar_width = max(10, min(30, columns - 70))
     filled = int(round(p.fraction * bar_width))
@@ -94,7 +97,25 @@ def progress_line(p: RunProgress, *, width: int | None = None) -> str:
     failed = p.chunks.get(ChunkStatus.FAILED, 0)
     fail = f"  {failed} failed" if failed else ""
     reused = f" ({p.rows_reused} reused)" if p.rows_reused else ""
+    states = [f"{n} {what}" for n, what in ((p.chunks_running, "running"), (len(p.stalled_chunks), "stalled"),
+                                            (p.chunks_waiting, "waiting")) if n]
+    detail = f" ({', '.join(states)})" if p.active and states else ""
+    eta = f"ETA {_duration(p.eta_s)}"
+    if p.stalled:
+        eta += f" (stalled: no row for {_duration(p.idle_s)})"
     return (
         f"run {p.id} {p.status:<9} [{bar}] {p.rows_done}/{p.rows_total} rows{reused}  "
-        f"chunks {p.chunks.get(ChunkStatus.DONE, 0)}/{p.chunks_total}{fail}  {rate}  ETA {_duration(p.eta_s)}"
+        f"chunks {p.chunks.get(ChunkStatus.DONE, 0)}/{p.chunks_total}{detail}{fail}  {rate}  {eta}"
     )
+
+
+def stalled_lines(p: RunProgress) -> list[str]:
+    """Why an unfinished run does not progress: silent workers, chunks waiting with none running."""
+    lines = [f"chunk {s.chunk}: worker {s.worker or '?'} silent for "
+             f"{'?' if s.silent_s is None else int(round(s.silent_s))} s (presumed dead; it will be taken back)"
+             for s in p.stalled_chunks]
+    if p.active and p.chunks_waiting and not p.chunks_running:
+        plural = "s" if p.chunks_waiting != 1 else ""
+        lines.append(f"no chunk running: {p.chunks_waiting} chunk{plural} waiting for a worker, "
+                     f"the oldest for {_duration(p.waiting_s)}")
+    return lines

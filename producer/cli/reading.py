@@ -30,7 +30,7 @@ from .watching import watch as watch_run
 @click.option("--limit", default=20, show_default=True, help="How many recent runs to list without RUN.")
 @pass_context
 def status(obj: Context, run_id: int | None, watch: bool, fmt: str, limit: int) -> None:
-    """Runs and their progress: chunks and rows done/total, failures, rows/s."""
+    """Runs and their progress: chunks and rows done/total, failures, recent rows/s, ETA, silent workers."""
     sessions = obj.sessions()
     if run_id is None:
         with sessions() as session:
@@ -54,6 +54,8 @@ def status(obj: Context, run_id: int | None, watch: bool, fmt: str, limit: int) 
     click.echo(f"variants: {', '.join(progress.variants)}")
     for note, chunks in progress.engine_notes.items():
         click.echo(f"exact fallback ({chunks} chunk{'s' if chunks != 1 else ''}): {note}")
+    for line in display.stalled_lines(progress):
+        click.echo(line)
     if progress.error:
         click.echo(f"error: {progress.error}")
     for failed in progress.failed_chunks:
