@@ -6,6 +6,8 @@ Real `lora-compare worker` processes on Redis and PostgreSQL with the default vi
 
 from __future__ import annotations
 
+import json
+import re
 import signal
 import time
 from pathlib import Path
@@ -13,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from db.leases import HEARTBEAT_S, LEASE_GRACE_S, LEASE_S, SWEEP_S
-from tests.cluster import Worker, rows, scalar
+from tests.cluster import Worker, lora, rows, scalar
 from tests.test_distributed import (
     PAIRS,
     REDIS,
@@ -106,3 +108,32 @@ def test_the_only_worker_killed_and_a_new_one_started_resumes_with_no_manual_ste
     print(f"\nkill-to-takeover (only worker killed, new one started): {took:.1f}s (bound {TAKEOVER_BOUND_S:.0f}s)")
     assert took <= TAKEOVER_BOUND_S
     _check_after(pg_url, run_id, chunk_id, w1.name)
+
+
+def test_status_shows_the_killed_worker_and_no_eta_until_the_takeover(
+        tmp_path: Path, pg_url: str, queue: str, workers: list[Worker],  # noqa: F811
+        test_adapters: dict[str, Path]) -> None:
+    """Before leases `status` said `running ... 0.1 rows/s ETA 13m15s` for a SIGKILLed worker's run."""
+    config = _config(tmp_path, test_adapters)
+    w1 = Worker("w1@test", pg_url, REDIS, queue, tmp_path, visibility_timeout=VISIBILITY_S)
+    w2 = Worker("w2@test", pg_url, REDIS, queue, tmp_path, visibility_timeout=VISIBILITY_S)
+    workers += [w1, w2]
+    w1.start().wait_ready()
+    run_id = _submit(pg_url, REDIS, config, queue)
+    chunk_id, _, _ = _kill_mid_chunk(pg_url, run_id, [w1])
+    wait_until(lambda: bool(scalar(pg_url, "SELECT lease_expires_at < now() FROM chunks WHERE run_id = :r "
+                                           "AND id = :c", r=run_id, c=chunk_id)),
+               LEASE_S + 15, "the dead worker's lease to expire", interval=0.5)
+    shown = lora(pg_url, REDIS, "status", str(run_id))
+    assert shown.returncode == 0, shown.stderr
+    assert re.search(rf"chunk {chunk_id}: worker w1@test silent for \d+ s \(presumed dead; it will be taken back\)",
+                     shown.stdout), shown.stdout
+    assert "ETA -" in shown.stdout and "1 stalled" in shown.stdout, shown.stdout
+    as_json = json.loads(lora(pg_url, REDIS, "status", str(run_id), "--format", "json").stdout)
+    assert as_json["eta_s"] is None and as_json["chunks_running"] == 0 and as_json["progressing"] is False
+    [stalled] = as_json["stalled_chunks"]
+    assert (stalled["chunk"], stalled["worker"]) == (chunk_id, "w1@test") and stalled["silent_s"] >= LEASE_S * 0.9
+    w2.start()
+    assert _wait_final(pg_url, run_id) == "completed"
+    after = lora(pg_url, REDIS, "status", str(run_id)).stdout
+    assert "silent" not in after and "stalled" not in after, after
