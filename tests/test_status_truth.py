@@ -24,6 +24,7 @@ from db.progress import STALL_S, RunProgress, run_progress
 from db.runs import NewExample, NewVariant, claim_chunk, complete_chunk, create_run
 from db.schema import Chunk, Generation, Run
 from producer.cli import cli
+from producer.cli.watching import progress_printer
 from producer.display import progress_line
 
 
@@ -181,3 +182,16 @@ def test_the_database_clock_decides_not_the_hosts(pg_url: str, monkeypatch: pyte
     monkeypatch.setattr(db.leases, "utcnow", lambda: skewed)
     progress = _progress(sessions, run_id)
     assert progress.stalled_chunks == [] and progress.progressing and progress.eta_s is not None
+
+
+def test_watch_prints_a_new_line_when_a_worker_goes_silent(sqlite_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    sessions, run_id, now = _setup(sqlite_url)
+    _claim(sessions, run_id, 0, "w1@host", now, started_ago=2, beat_ago=2, expires_in=LEASE_S - 2)
+    show = progress_printer(True)
+    show(_progress(sessions, run_id))
+    with sessions.begin() as session:  # its holder dies: nothing else changes
+        session.execute(update(Chunk).where(Chunk.run_id == run_id, Chunk.id == 0).values(
+            heartbeat_at=now - timedelta(seconds=LEASE_S + 5), lease_expires_at=now - timedelta(seconds=5)))
+    show(_progress(sessions, run_id))
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2 and "(1 running, 3 waiting)" in lines[0] and "(1 stalled, 3 waiting)" in lines[1], lines

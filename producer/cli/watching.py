@@ -28,7 +28,8 @@ def progress_printer(enabled: bool) -> Callable[[RunProgress], None]:
         if not enabled:
             return
         line = display.progress_line(progress)
-        state = (progress.status, progress.rows_done, dict(progress.chunks))
+        state = (progress.status, progress.rows_done, dict(progress.chunks), len(progress.stalled_chunks),
+                 progress.stalled)  # a worker going silent or a stall is news too
         if interactive:
             click.echo("\r" + line.ljust(len(last["line"])), nl=False, err=True)
             if progress.status in FINAL_RUN_STATUSES:
