@@ -97,6 +97,22 @@ def check_broker(app: Any) -> None:
         conn.default_channel  # noqa: B018 - opening the channel makes Redis answer a PING
 
 
+def queue_depth(app: Any, queue: str) -> int | None:
+    """How many messages wait on `queue` (Redis: LLEN of its list and of its priority sub-lists, the
+    keys kombu's Redis transport uses); None for a broker of another kind. Raises
+    BrokerUnavailableError when the broker does not answer. Messages delivered but not acknowledged
+    (kombu's `unacked` hash) are not counted."""
+    with _broker_errors(app), app.pool.acquire(block=True, timeout=BROKER_SOCKET_TIMEOUT_S) as conn:
+        if conn.transport.driver_type != "redis":
+            return None
+        channel = conn.default_channel
+        keys = {queue if not pri else f"{queue}{channel.sep}{pri}" for pri in channel.priority_steps}
+        with channel.conn_or_acquire() as client, client.pipeline() as pipe:
+            for key in sorted(keys):
+                pipe.llen(key)
+            return sum(int(size) for size in pipe.execute())
+
+
 def broker_label(url: str) -> str:
     """The broker URL without its password."""
     from kombu.utils.url import maybe_sanitize_url

@@ -9,6 +9,11 @@ on, so a worker presumed dead that wakes up writes nothing. Each worker sweeps f
 more than `LEASE_GRACE_S` ago, puts those chunks back to `queued` (guarded by the token, so exactly
 one sweeper does it) and sends a fresh message, without waiting for the broker's visibility timeout.
 
+The same sweep rebuilds a lost queue (Redis restarted without its data): a chunk `queued` for more
+than `RECONCILE_AFTER_S` (since `queued_at`, bumped at every requeue) while its run's queue on the
+broker holds no message at all gets its message sent again (`stale_queued`, then `bump_queued`,
+guarded so that of two sweepers exactly one does it). A spurious send costs a skipped duplicate.
+
 Times come from the database's clock on PostgreSQL (workers' clocks may differ); SQLite is one host.
 Every function takes a session and never commits.
 """
@@ -22,7 +27,7 @@ from datetime import datetime, timedelta, timezone
 from sqlalchemy import func, select, text, update
 from sqlalchemy.orm import Session
 
-from .enums import ChunkStatus
+from .enums import ChunkStatus, RunStatus
 from .schema import Chunk, Run, utcnow
 
 log = logging.getLogger(__name__)
@@ -36,6 +41,9 @@ HEARTBEAT_S = LEASE_S / 3
 LEASE_GRACE_S = 5.0
 #: Seconds between two sweeps for expired leases by each worker.
 SWEEP_S = LEASE_S / 3
+#: Seconds a chunk stays `queued` (since `queued_at`) before a sweep may send its message again, if
+#: its run's queue is empty: two sweeps, longer than a retry's countdown and than a submit's sends.
+RECONCILE_AFTER_S = 2 * SWEEP_S
 
 
 @dataclass(frozen=True)
@@ -133,7 +141,8 @@ def expire_leases(session: Session, *, grace_s: float = LEASE_GRACE_S, limit: in
     moves on at once, so the presumed-dead holder's writes are refused from here. The attempt is
     counted by the next claim. Returns what was taken back: the caller sends their messages.
     """
-    cutoff = db_now(session) - timedelta(seconds=grace_s)
+    now = db_now(session)
+    cutoff = now - timedelta(seconds=grace_s)
     found = session.execute(
         select(Chunk.run_id, Chunk.id, Chunk.lease_token)
         .where(Chunk.status == ChunkStatus.RUNNING, Chunk.lease_expires_at.is_not(None),
@@ -156,7 +165,46 @@ def expire_leases(session: Session, *, grace_s: float = LEASE_GRACE_S, limit: in
         chunk.status = ChunkStatus.QUEUED
         chunk.lease_token = (token or 0) + 1
         chunk.lease_expires_at = None
-        chunk.queued_at = utcnow()
+        chunk.queued_at = now
         chunk.error = note
         session.flush()
     return taken
+
+
+@dataclass(frozen=True)
+class Stale:
+    """A chunk `queued` for longer than the reconciliation threshold: its message may be lost."""
+
+    run_id: int
+    chunk_id: int
+    queue: str | None  # the run's queue; None: the default queue
+
+
+def stale_queued(session: Session, *, older_than_s: float = RECONCILE_AFTER_S, limit: int = 1000) -> list[Stale]:
+    """The `queued` chunks of `queued` or `running` runs whose `queued_at` is over `older_than_s` ago."""
+    cutoff = db_now(session) - timedelta(seconds=older_than_s)
+    found = session.execute(
+        select(Chunk.run_id, Chunk.id, Run.queue)
+        .join(Run, Run.id == Chunk.run_id)
+        .where(Run.status.in_([RunStatus.QUEUED, RunStatus.RUNNING]), Chunk.status == ChunkStatus.QUEUED,
+               Chunk.queued_at < cutoff)
+        .order_by(Chunk.run_id, Chunk.id)
+        .limit(limit)
+    ).all()
+    return [Stale(run_id, chunk_id, queue) for run_id, chunk_id, queue in found]
+
+
+def bump_queued(session: Session, item: Stale, *, older_than_s: float = RECONCILE_AFTER_S) -> bool:
+    """Set a stale chunk's `queued_at` to now, if it is still `queued` (in a live run) and stale;
+    True when this call did it. Of two sweepers, the second finds `queued_at` fresh (on PostgreSQL it
+    waits for the first's commit, then re-reads the row), so exactly one sends the message again."""
+    now = db_now(session)
+    live_runs = select(Run.id).where(Run.status.in_([RunStatus.QUEUED, RunStatus.RUNNING]))
+    result = session.execute(
+        update(Chunk)
+        .where(Chunk.run_id == item.run_id, Chunk.id == item.chunk_id, Chunk.status == ChunkStatus.QUEUED,
+               Chunk.queued_at < now - timedelta(seconds=older_than_s), Chunk.run_id.in_(live_runs))
+        .values(queued_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]

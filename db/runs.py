@@ -219,6 +219,7 @@ def fail_chunk(session: Session, run_id: int, chunk_id: int, *, error: str, fina
         _finish_chunk(session, run, chunk, ChunkStatus.FAILED, error=error)
     else:
         chunk.status = ChunkStatus.QUEUED
+        chunk.queued_at = db_now(session)  # its message comes back after the retry's countdown
         chunk.error = error[:MAX_ERROR_CHARS]
     return True
 
@@ -285,7 +286,8 @@ def requeue_run(session: Session, run_id: int, *, queue: str | None = None) -> l
         session.execute(
             update(Chunk)
             .where(Chunk.run_id == run_id, Chunk.id.in_(ids))
-            .values(status=ChunkStatus.QUEUED, attempts=0, error=None, finished_at=None, queued_at=utcnow())
+            .values(status=ChunkStatus.QUEUED, attempts=0, error=None, finished_at=None,
+                    queued_at=db_now(session))
         )
         run.status = RunStatus.QUEUED if not run.started_at else RunStatus.RUNNING
         run.error = None

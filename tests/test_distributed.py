@@ -268,3 +268,37 @@ def test_a_warm_worker_reuses_its_model_and_holds_adapters_of_several_runs(
     second_part = log[log.index(f"run {second} chunk 0 attempt 1"):]
     assert "loading base model" not in second_part
     assert "model loads so far: base 1, adapters 2; resident adapters 2" in second_part
+
+
+def test_redis_restarted_without_its_data_mid_run_is_rebuilt_from_sql(
+        tmp_path: Path, pg_url: str, queue: str, workers: list[Worker], test_adapters: dict[str, Path]) -> None:
+    """Every queued message is lost with Redis's data: the workers' sweep sends them again from SQL."""
+    folder = tmp_path / "redis"
+    folder.mkdir()
+    redis = RedisServer(folder).start()
+    try:
+        config = _config(tmp_path, test_adapters)
+        worker = Worker("w1@test", pg_url, redis.url, queue, tmp_path)
+        workers.append(worker)
+        worker.start().wait_ready()
+        run_id = _submit(pg_url, redis.url, config, queue)
+        wait_until(lambda: _done_chunks(pg_url, run_id) >= 1, 120, "a first chunk")
+        redis.stop()
+        for path in folder.rglob("*"):  # the data loss under test: the append-only file is gone
+            if path.is_file():
+                path.unlink()
+        time.sleep(3)  # the outage under test (how long Redis is down), not a wait
+        redis.start()
+        back = time.monotonic()
+        assert _wait_final(pg_url, run_id) == "completed"
+        took = time.monotonic() - back
+        _assert_exactly_once(pg_url, run_id, len(PAIRS), 3)
+        generating = sum(float(s or 0) for (s,) in rows(
+            pg_url, "SELECT generate_seconds FROM chunks WHERE run_id = :r AND finished_at > now() - "
+                    "make_interval(secs => :t)", r=run_id, t=took))
+        print(f"run completed {took:.1f} s after Redis came back empty ({generating:.1f} s of it generating)")
+        assert took < 60 + generating
+        assert "sent again" in worker.log()
+        assert worker.alive
+    finally:
+        redis.stop()

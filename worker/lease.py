@@ -1,5 +1,6 @@
 """The worker's side of chunk leases (db/leases.py): the heartbeat of a claimed chunk, and the sweep
-that requeues chunks whose worker died, without waiting for the broker's visibility timeout.
+that requeues chunks whose worker died, without waiting for the broker's visibility timeout, and
+sends again the messages of `queued` chunks that a broker lost (its queue is empty, they wait).
 
 Both are daemon threads with short sessions of their own; neither ever raises into the worker.
 """
@@ -14,8 +15,19 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from contract.queue import DEFAULT_QUEUE, enqueue_chunks
-from db.leases import HEARTBEAT_S, LEASE_GRACE_S, SWEEP_S, Expired, expire_leases, renew_lease
+from contract.queue import DEFAULT_QUEUE, enqueue_chunks, queue_depth
+from db.leases import (
+    HEARTBEAT_S,
+    LEASE_GRACE_S,
+    RECONCILE_AFTER_S,
+    SWEEP_S,
+    Expired,
+    Stale,
+    bump_queued,
+    expire_leases,
+    renew_lease,
+    stale_queued,
+)
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +83,28 @@ def sweep_once(sessions: sessionmaker[Session], send: Callable[[Expired], None],
     return expired
 
 
+def reconcile_once(sessions: sessionmaker[Session], depth: Callable[[str], int | None],
+                   send: Callable[[Stale], None], *, after_s: float = RECONCILE_AFTER_S) -> list[Stale]:
+    """Send again the message of each chunk `queued` for over `after_s` whose run's queue is empty
+    (`depth` of it is 0; None: the broker cannot tell, nothing is sent); returns them.
+
+    Each one's `queued_at` is bumped, guarded so that of two sweepers one sends it, and the message
+    goes out before that commits (a failed send leaves it stale for the next sweep).
+    """
+    with sessions.begin() as session:
+        stale = stale_queued(session, older_than_s=after_s)
+    if not stale:
+        return []
+    empty = {q for q in {item.queue or DEFAULT_QUEUE for item in stale} if depth(q) == 0}
+    sent: list[Stale] = []
+    with sessions.begin() as session:
+        for item in stale:
+            if (item.queue or DEFAULT_QUEUE) in empty and bump_queued(session, item, older_than_s=after_s):
+                send(item)
+                sent.append(item)
+    return sent
+
+
 class Sweeper:
     """A worker's daemon thread: `sweep_once` every `interval_s`, sending through a broker client."""
 
@@ -78,6 +112,7 @@ class Sweeper:
         self.sessions, self.client, self.interval_s = sessions, client, interval_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="lease-sweeper", daemon=True)
+        self._blind = False  # the broker cannot count a queue's messages: no reconciliation
 
     def start(self) -> Sweeper:
         self._thread.start()
@@ -91,9 +126,27 @@ class Sweeper:
         log.warning("run %s chunk %s: lease of %s expired; requeued on '%s'", item.run_id, item.chunk_id,
                     item.worker, item.queue or DEFAULT_QUEUE)
 
+    def _depth(self, queue: str) -> int | None:
+        depth = queue_depth(self.client, queue)
+        if depth is None and not self._blind:
+            self._blind = True
+            log.warning("the broker is not Redis: queued chunks whose messages it lost are not sent again "
+                        "(lora-compare retry RUN does it)")
+        return depth
+
+    def _resend(self, item: Stale) -> None:
+        queue = item.queue or DEFAULT_QUEUE
+        enqueue_chunks(self.client, item.run_id, [item.chunk_id], queue=queue)
+        log.warning("run %s chunk %s: queued for over %ss while queue '%s' is empty (its message was lost); "
+                    "sent again", item.run_id, item.chunk_id, int(RECONCILE_AFTER_S), queue)
+
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):
-            try:
-                sweep_once(self.sessions, self._send)
-            except Exception as err:  # noqa: BLE001 - database or broker down: the next sweep tries again
-                log.warning("lease sweep failed (%s)", str(err).splitlines()[0] if str(err) else type(err).__name__)
+            for name, step in (("lease sweep", lambda: sweep_once(self.sessions, self._send)),
+                               ("queue reconciliation", lambda: reconcile_once(
+                                   self.sessions, self._depth, self._resend))):
+                try:
+                    step()
+                except Exception as err:  # noqa: BLE001 - database or broker down: the next sweep tries again
+                    log.warning("%s failed (%s)", name,
+                                str(err).splitlines()[0] if str(err) else type(err).__name__)
