@@ -54,5 +54,11 @@ class FinishReason(_StrEnum):
     PROMPT_TOO_LONG = "prompt_too_long"  # not generated: prompt + max_new_tokens exceed the model's positions
 
 
+#: `runs.queue` of a run generated in the process that recorded it (`run`, `retry --here`): no broker
+#: holds its chunks' messages, so the workers' sweeps neither requeue nor re-send them (a fleet host
+#: may not have its model); if that process dies, `status` shows the chunk stalled and `retry` resumes.
+#: Not a valid broker queue name (`submit --queue` refuses it).
+EMBEDDED_QUEUE = "(embedded)"
+
 #: Finish reasons of rows that were never generated, so there is nothing to regenerate.
 NOT_GENERATED = (FinishReason.EMPTY_PROMPT, FinishReason.PROMPT_TOO_LONG)

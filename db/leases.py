@@ -24,10 +24,10 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
-from sqlalchemy import func, select, text, update
+from sqlalchemy import ColumnElement, func, or_, select, text, update
 from sqlalchemy.orm import Session
 
-from .enums import ChunkStatus, RunStatus
+from .enums import EMBEDDED_QUEUE, ChunkStatus, RunStatus
 from .schema import Chunk, Run, utcnow
 
 log = logging.getLogger(__name__)
@@ -145,8 +145,9 @@ def expire_leases(session: Session, *, grace_s: float = LEASE_GRACE_S, limit: in
     cutoff = now - timedelta(seconds=grace_s)
     found = session.execute(
         select(Chunk.run_id, Chunk.id, Chunk.lease_token)
+        .join(Run, Run.id == Chunk.run_id)
         .where(Chunk.status == ChunkStatus.RUNNING, Chunk.lease_expires_at.is_not(None),
-               Chunk.lease_expires_at < cutoff)
+               Chunk.lease_expires_at < cutoff, _not_embedded())
         .order_by(Chunk.run_id, Chunk.id)
         .limit(limit)
     ).all()
@@ -180,6 +181,11 @@ class Stale:
     queue: str | None  # the run's queue; None: the default queue
 
 
+def _not_embedded() -> ColumnElement[bool]:
+    """Runs whose chunks a broker carries (not generated in the process that recorded them)."""
+    return or_(Run.queue.is_(None), Run.queue != EMBEDDED_QUEUE)
+
+
 def stale_queued(session: Session, *, older_than_s: float = RECONCILE_AFTER_S, limit: int = 1000) -> list[Stale]:
     """The `queued` chunks of `queued` or `running` runs whose `queued_at` is over `older_than_s` ago."""
     cutoff = db_now(session) - timedelta(seconds=older_than_s)
@@ -187,7 +193,7 @@ def stale_queued(session: Session, *, older_than_s: float = RECONCILE_AFTER_S, l
         select(Chunk.run_id, Chunk.id, Run.queue)
         .join(Run, Run.id == Chunk.run_id)
         .where(Run.status.in_([RunStatus.QUEUED, RunStatus.RUNNING]), Chunk.status == ChunkStatus.QUEUED,
-               Chunk.queued_at < cutoff)
+               Chunk.queued_at < cutoff, _not_embedded())
         .order_by(Chunk.run_id, Chunk.id)
         .limit(limit)
     ).all()

@@ -160,3 +160,25 @@ def test_every_requeue_restarts_the_queued_clock(any_db_url: str) -> None:
         assert _queued_at(sessions, run_id, chunk_id) > now - timedelta(seconds=RECONCILE_AFTER_S / 2)
     assert reconcile_once(sessions, _empty, lambda item: None) == []  # their messages are on their way
     engine.dispose()
+
+
+def test_a_run_generated_in_process_is_left_to_that_process(any_db_url: str) -> None:
+    """`run` / `retry --here` record EMBEDDED_QUEUE: no broker carries their chunks and a fleet host may
+    lack their model, so neither sweep requeues nor re-sends them (a dead embedded run shows stalled)."""
+    from db.enums import EMBEDDED_QUEUE
+    from db.schema import Chunk as ChunkRow
+
+    engine, sessions = _setup(any_db_url)
+    embedded = _run(sessions, n=4, queue=EMBEDDED_QUEUE)
+    _age(sessions, embedded)
+    with sessions.begin() as session:
+        assert claim_chunk(session, embedded, 0, worker="embedded:1", max_attempts=3) is not None
+        session.execute(update(ChunkRow).where(ChunkRow.run_id == embedded, ChunkRow.id == 0)
+                        .values(lease_expires_at=db_now(session) - timedelta(hours=1)))
+    assert reconcile_once(sessions, _empty, lambda item: None) == []
+    with sessions.begin() as session:
+        assert expire_leases(session) == []
+    with sessions() as session:
+        assert session.scalars(select(ChunkRow.status).where(ChunkRow.run_id == embedded,
+                                                             ChunkRow.id == 0)).one() == "running"
+    engine.dispose()

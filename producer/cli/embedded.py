@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from contract.errors import RunNotFoundError
 from contract.settings import Settings
 from db.engine import WORKER_REPLY_TIMEOUT_S, WORKER_STATEMENT_TIMEOUT_S, make_engine, session_factory
-from db.enums import RunStatus
+from db.enums import EMBEDDED_QUEUE, RunStatus
 from db.runs import get_run
 
 from ..submit import prepare_run, register_run
@@ -40,7 +40,7 @@ def run_here(obj: Context, config: Path, *, device: str | None, quiet: bool) -> 
         prepare_demo_model(obj.settings.demo_model_dir)
     prepared = prepare_run(config, obj.settings)
     with sessions.begin() as session:
-        run_id = register_run(session, prepared)
+        run_id = register_run(session, prepared, queue=EMBEDDED_QUEUE)
     click.echo(f"run {run_id}: {len(prepared.examples)} examples x {1 + len(prepared.adapters)} variants", err=True)
     final = run_embedded(sessions, obj.settings, run_id, device=device, on_progress=progress_printer(not quiet))
     click.echo(summary(sessions, run_id))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from contract.errors import BrokerUnavailableError, RunNotFoundError
+from contract.errors import BrokerUnavailableError, RunNotFoundError, UserError
 from contract.queue import (
     DEFAULT_MAX_ATTEMPTS,
     DEFAULT_QUEUE,
@@ -18,6 +18,7 @@ from contract.queue import (
     enqueue_chunks,
     make_client,
 )
+from db.enums import EMBEDDED_QUEUE
 from db.runs import cancel_run, delete_run, get_run, requeue_run
 
 from .. import display
@@ -61,6 +62,8 @@ def demo(obj: Context, config: Path, device: str, quiet: bool) -> None:
 @pass_context
 def submit(obj: Context, config: Path, queue: str, wait: bool) -> None:
     """Validate CONFIG, record the run in SQL and queue one job per chunk; print the run id."""
+    if queue == EMBEDDED_QUEUE:
+        raise UserError(f"--queue {queue}: that name marks runs generated in-process; choose another queue name")
     sessions = obj.sessions(migrate=True)
     prepared = prepare_run(config, obj.settings, require_base=False)
     # Atomic: the broker must answer before the run is recorded, and a run whose messages could not all
@@ -137,7 +140,7 @@ def retry(obj: Context, run_id: int, queue: str, here: bool, device: str) -> Non
     with sessions.begin() as session:
         if get_run(session, run_id) is None:
             raise RunNotFoundError(f"no run with id {run_id}")
-        ids = requeue_run(session, run_id, queue=None if here else queue)
+        ids = requeue_run(session, run_id, queue=EMBEDDED_QUEUE if here else queue)
     if not ids:
         click.echo(f"run {run_id}: nothing to retry", err=True)
     elif here:
