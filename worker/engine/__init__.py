@@ -15,6 +15,11 @@
 
 from __future__ import annotations
 
+import warnings
+
 from .compat import check_transformers
 
 check_transformers()
+# transformers 5.x warns at every forward pass that `past_key_values` is renamed `cache` (before 5.40);
+# the supported range above still needs the old name, so the warning says nothing a user can act on.
+warnings.filterwarnings("ignore", message=r"`past_key_values` is deprecated", category=FutureWarning)
