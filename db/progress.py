@@ -84,6 +84,8 @@ class RunProgress:
     #: (None: a finished run's average from start to end)
     stall_after_s: float = STALL_S
     rate_window_s: float | None = None
+    #: The broker queue the run's chunks go to (None: the default queue; `(embedded)`: none)
+    queue: str | None = None
 
     @property
     def active(self) -> bool:
@@ -207,6 +209,7 @@ def run_progress(session: Session, run_id: int) -> RunProgress | None:
         idle_s=_since(now, last_row),
         stall_after_s=stall_after,
         rate_window_s=rate_window,
+        queue=run.queue,
     )
 
 

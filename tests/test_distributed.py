@@ -287,7 +287,13 @@ def test_redis_restarted_without_its_data_mid_run_is_rebuilt_from_sql(
         for path in folder.rglob("*"):  # the data loss under test: the append-only file is gone
             if path.is_file():
                 path.unlink()
-        time.sleep(3)  # the outage under test (how long Redis is down), not a wait
+        # The outage: the worker finishes the chunk it holds, then nothing runs; `status` says so.
+        wait_until(lambda: not rows(pg_url, "SELECT id FROM chunks WHERE run_id = :r AND status = 'running'",
+                                    r=run_id), 120, "the chunk in hand to be written")
+        shown = lora(pg_url, redis.url, "status", str(run_id))
+        assert shown.returncode == 0, shown.stderr
+        assert "ETA -" in shown.stdout and "no chunk running:" in shown.stdout, shown.stdout
+        assert f"broker: cannot see queue '{queue}'" in shown.stdout, shown.stdout
         redis.start()
         back = time.monotonic()
         assert _wait_final(pg_url, run_id) == "completed"

@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import json
 import re
+import socket
+import uuid
 from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
+import redis
 from click.testing import CliRunner
 from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
+from contract.queue import enqueue_chunks, make_client
 from db.engine import make_engine, session_factory
 from db.leases import LEASE_S, db_now
 from db.migrate import upgrade
@@ -26,6 +30,9 @@ from db.schema import Chunk, Generation, Run
 from producer.cli import cli
 from producer.cli.watching import progress_printer
 from producer.display import progress_line
+
+#: The tests' Redis database (empty queues of their own names)
+REDIS = "redis://127.0.0.1:6379/3"
 
 
 def _setup(url: str, n: int = 8) -> tuple[sessionmaker[Session], int, datetime]:
@@ -84,8 +91,8 @@ def _progress(sessions: sessionmaker[Session], run_id: int) -> RunProgress:
     return progress
 
 
-def _status(url: str, run_id: int, *args: str) -> Any:
-    result = CliRunner().invoke(cli, ["--database-url", url, "status", str(run_id), *args])
+def _status(url: str, run_id: int, *args: str, broker: str = REDIS) -> Any:
+    result = CliRunner().invoke(cli, ["--database-url", url, "--broker-url", broker, "status", str(run_id), *args])
     assert result.exit_code == 0, result.output
     return json.loads(result.output) if "json" in args else result.output
 
@@ -143,6 +150,39 @@ def test_lost_messages_nothing_running_gives_no_eta(any_db_url: str) -> None:
     assert progress.rows_per_s and progress.eta_s is None and progress.stalled
     text = _status(any_db_url, run_id)
     assert "ETA - (stalled" in text and "no chunk running: 3 chunks waiting for a worker" in text, text
+
+
+def test_status_says_what_the_broker_holds_for_waiting_chunks(any_db_url: str) -> None:
+    """The queue lost its messages (Redis restarted without its data), then holds messages nobody
+    takes, then cannot be reached: each is said under the progress line, and in the JSON."""
+    sessions, run_id, now = _setup(any_db_url)
+    queue = f"lc-test-{uuid.uuid4().hex[:8]}"
+    with sessions.begin() as session:
+        session.execute(update(Run).where(Run.id == run_id).values(queue=queue))
+        session.execute(update(Chunk).where(Chunk.run_id == run_id).values(queued_at=now - timedelta(seconds=90)))
+    _started(sessions, run_id, now, 120)
+    _done(sessions, run_id, 0, now, started_ago=40, written_ago=30)
+    text = _status(any_db_url, run_id)
+    assert f"broker: queue '{queue}' holds no message for the 3 waiting chunks (lost" in text, text
+    assert "ETA -" in text and "no chunk running: 3 chunks waiting for a worker" in text, text
+    assert _status(any_db_url, run_id, "--format", "json")["broker"] == {"queue": queue, "messages": 0, "error": None}
+
+    enqueue_chunks(make_client(REDIS), run_id, [1, 2, 3], queue=queue)
+    try:
+        text = _status(any_db_url, run_id)
+        assert f"queue '{queue}' holds 3 messages and no chunk is running: is a worker consuming it?" in text, text
+    finally:
+        store = redis.Redis.from_url(REDIS)
+        for key in store.scan_iter(match=f"{queue}*"):
+            store.delete(key)
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    text = _status(any_db_url, run_id, broker=f"redis://127.0.0.1:{closed}/0")
+    assert f"broker: cannot see queue '{queue}' (broker redis://127.0.0.1:{closed}/0 is unreachable" in text, text
+    as_json = _status(any_db_url, run_id, "--format", "json", broker=f"redis://127.0.0.1:{closed}/0")
+    assert as_json["broker"]["messages"] is None and "unreachable" in as_json["broker"]["error"]
 
 
 def test_a_progressing_run_has_a_finite_eta(any_db_url: str) -> None:

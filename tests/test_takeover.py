@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from db.engine import make_engine, session_factory
 from db.leases import HEARTBEAT_S, LEASE_GRACE_S, LEASE_S, SWEEP_S
+from db.progress import RunProgress, run_progress
 from tests.cluster import Worker, lora, rows, scalar
 from tests.test_distributed import (
     PAIRS,
@@ -54,11 +56,22 @@ def _kill_mid_chunk(db_url: str, run_id: int, candidates: list[Worker]) -> tuple
     return int(chunk_id), int(token), killed_at  # type: ignore[call-overload]
 
 
-def _wait_takeover(db_url: str, run_id: int, chunk_id: int, token: int) -> None:
-    """Until another claim holds the chunk: the sweep's requeue and the fresh claim each move the token."""
-    wait_until(lambda: int(scalar(db_url, "SELECT lease_token FROM chunks WHERE run_id = :r AND id = :c",
-                                  r=run_id, c=chunk_id) or 0) >= token + 2, TAKEOVER_BOUND_S + 60,
-               "the chunk to be claimed again", interval=0.2)
+def _wait_takeover(db_url: str, run_id: int, chunk_id: int, token: int) -> list[RunProgress]:
+    """Until another claim holds the chunk (the sweep's requeue and the fresh claim each move the token);
+    returns what `status` read meanwhile whenever it showed the chunk's holder as silent."""
+    sessions = session_factory(make_engine(db_url))
+    shown: list[RunProgress] = []
+
+    def taken() -> bool:
+        with sessions() as session:
+            progress = run_progress(session, run_id)
+        if progress is not None and any(s.chunk == chunk_id for s in progress.stalled_chunks):
+            shown.append(progress)
+        return int(scalar(db_url, "SELECT lease_token FROM chunks WHERE run_id = :r AND id = :c",
+                          r=run_id, c=chunk_id) or 0) >= token + 2
+
+    wait_until(taken, TAKEOVER_BOUND_S + 60, "the chunk to be claimed again", interval=0.2)
+    return shown
 
 
 def _check_after(db_url: str, run_id: int, chunk_id: int, killed: str) -> None:
@@ -83,10 +96,15 @@ def test_a_killed_workers_chunk_is_taken_over_by_a_live_worker(
     run_id = _submit(pg_url, REDIS, config, queue)
     chunk_id, token, killed_at = _kill_mid_chunk(pg_url, run_id, workers)
     killed = next(w.name for w in workers if not w.alive)
-    _wait_takeover(pg_url, run_id, chunk_id, token)
+    shown = _wait_takeover(pg_url, run_id, chunk_id, token)
     took = time.monotonic() - killed_at
     print(f"\nkill-to-takeover (another worker alive): {took:.1f}s (bound {TAKEOVER_BOUND_S:.0f}s)")
     assert took <= TAKEOVER_BOUND_S
+    # Between the lease's expiry and the takeover, `status` showed the dead worker, not a running chunk.
+    assert shown, "status never showed the dead worker's chunk as stalled before it was taken over"
+    assert all(s.worker == killed and (s.silent_s or 0) >= LEASE_S * 0.9
+               for p in shown for s in p.stalled_chunks if s.chunk == chunk_id)
+    assert all(p.chunks_running <= 1 for p in shown)  # the live worker's chunk at most; never the dead one's
     _check_after(pg_url, run_id, chunk_id, killed)
     survivor = next(w for w in workers if w.alive)
     assert "lease of " + killed in survivor.log() and "requeued" in survivor.log()

@@ -1,4 +1,5 @@
-"""Commands that only read the results database: status, results, report, compare, sql."""
+"""Commands that only read: status (the results database, and the broker's queue of a run whose chunks
+wait), results, report, compare, sql."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from db.verifications import latest_verifications
 from .. import display
 from . import Context, cli, pass_context
 from .options import format_option, run_argument
-from .watching import progress_of
+from .watching import broker_lines, broker_view, progress_of
 from .watching import watch as watch_run
 
 
@@ -46,15 +47,16 @@ def status(obj: Context, run_id: int | None, watch: bool, fmt: str, limit: int) 
         click.echo(display.to_table(["run", "name", "status", "rows", "chunks", "failed", "rows/s", "created"], rows))
         return
     progress = watch_run(sessions, run_id) if watch else progress_of(sessions, run_id)
+    broker = broker_view(obj.settings.broker_url, progress)
     if fmt == "json":
-        click.echo(display.to_json_object(progress.to_json()))
+        click.echo(display.to_json_object({**progress.to_json(), "broker": broker and broker.to_json()}))
         return
     if not watch:
         click.echo(display.progress_line(progress))
     click.echo(f"variants: {', '.join(progress.variants)}")
     for note, chunks in progress.engine_notes.items():
         click.echo(f"exact fallback ({chunks} chunk{'s' if chunks != 1 else ''}): {note}")
-    for line in display.stalled_lines(progress):
+    for line in display.stalled_lines(progress) + broker_lines(progress, broker):
         click.echo(line)
     if progress.error:
         click.echo(f"error: {progress.error}")

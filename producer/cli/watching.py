@@ -1,17 +1,21 @@
-"""Showing a run while it goes and when it ends: the progress line or bar on stderr, the summary table."""
+"""Showing a run while it goes and when it ends: the progress line or bar on stderr, the summary table,
+and what the broker holds for a run whose chunks wait."""
 
 from __future__ import annotations
 
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import click
 from sqlalchemy.orm import Session, sessionmaker
 
-from contract.errors import RunNotFoundError
-from db.enums import FINAL_RUN_STATUSES
+from contract.errors import BrokerUnavailableError, RunNotFoundError
+from contract.queue import DEFAULT_QUEUE, make_client, queue_depth
+from db.enums import EMBEDDED_QUEUE, FINAL_RUN_STATUSES
+from db.leases import RECONCILE_AFTER_S, SWEEP_S
 from db.outputs import variant_summary
 from db.progress import RunProgress, run_progress
 from db.runs import get_run
@@ -75,3 +79,49 @@ def watch(sessions: sessionmaker[Session], run_id: int, interval: float = 1.0) -
         if progress.status in FINAL_RUN_STATUSES:
             return progress
         time.sleep(interval)
+
+
+@dataclass(frozen=True)
+class BrokerView:
+    """What the broker holds for a run's queue, as `status` saw it."""
+
+    queue: str
+    messages: int | None  # waiting on the queue (delivered, unacknowledged ones not counted); None: unknown
+    error: str | None  # why the broker could not say (unreachable, not answering)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def broker_view(broker_url: str, progress: RunProgress) -> BrokerView | None:
+    """The run's queue depth when it matters: an unfinished run, carried by a broker, with chunks waiting.
+
+    Bounded by the broker timeouts of contract.queue (a few seconds) when the broker does not answer.
+    """
+    if not progress.active or progress.queue == EMBEDDED_QUEUE or not progress.chunks_waiting:
+        return None
+    queue = progress.queue or DEFAULT_QUEUE
+    try:
+        return BrokerView(queue, queue_depth(make_client(broker_url), queue), None)
+    except BrokerUnavailableError as err:
+        return BrokerView(queue, None, str(err))
+
+
+def broker_lines(progress: RunProgress, view: BrokerView | None) -> list[str]:
+    """Why waiting chunks are not handed out, when the broker shows it: its queue is empty (lost messages)
+    or unreachable, or it holds messages that no worker takes."""
+    if view is None:
+        return []
+    waiting = f"{progress.chunks_waiting} waiting chunk{'s' if progress.chunks_waiting != 1 else ''}"
+    if view.error is not None:
+        return [f"broker: cannot see queue '{view.queue}' ({view.error}); the {waiting} cannot be handed out "
+                "until it answers"]
+    if view.messages == 0 and (progress.waiting_s or 0.0) >= RECONCILE_AFTER_S:
+        resend = int(RECONCILE_AFTER_S + SWEEP_S)
+        return [f"broker: queue '{view.queue}' holds no message for the {waiting} (lost, e.g. Redis restarted "
+                f"without its data): a live worker's sweep sends them again within {resend} s, "
+                f"or `lora-compare retry {progress.id}` now"]
+    if view.messages and not progress.chunks_running and not progress.stalled_chunks:
+        return [f"broker: queue '{view.queue}' holds {view.messages} message{'s' if view.messages != 1 else ''} "
+                f"and no chunk is running: is a worker consuming it? (`lora-compare worker --queue {view.queue}`)"]
+    return []
