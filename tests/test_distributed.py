@@ -7,7 +7,6 @@ redis-server. Workers run on the CPU with one thread each (two share this machin
 from __future__ import annotations
 
 import json
-import signal
 import time
 import uuid
 from collections.abc import Iterator
@@ -117,29 +116,6 @@ def test_two_workers_complete_a_run_like_embedded_mode(tmp_path: Path, pg_url: s
     assert result.exit_code == 0, result.output
     embedded_id = int(result.output.strip().splitlines()[-1])
     assert _outputs(pg_url, run_id) == _outputs(f"sqlite:///{embedded_db}", embedded_id)
-
-
-def test_a_worker_killed_mid_chunk_loses_and_duplicates_nothing(tmp_path: Path, pg_url: str, queue: str,
-                                                                 workers: list[Worker],
-                                                                 test_adapters: dict[str, Path]) -> None:
-    config = _config(tmp_path, test_adapters)
-    w1, w2 = Worker("w1@test", pg_url, REDIS, queue, tmp_path), Worker("w2@test", pg_url, REDIS, queue, tmp_path)
-    workers += [w1, w2]
-    w1.start().wait_ready()
-    run_id = _submit(pg_url, REDIS, config, queue)
-    # Kill w1 while it is generating a chunk (after it has finished at least one, so the model is loaded).
-    wait_until(lambda: _done_chunks(pg_url, run_id) >= 1 and scalar(
-        pg_url, "SELECT count(*) FROM chunks WHERE run_id = :r AND status = 'running'", r=run_id) == 1,
-        120, "w1 to be in the middle of a chunk", interval=0.05)
-    w1.kill(signal.SIGKILL)
-    killed_in = rows(pg_url, "SELECT id FROM chunks WHERE run_id = :r AND status = 'running'", r=run_id)
-    assert killed_in, "w1 was killed between chunks; the test proves nothing"
-    w2.start().wait_ready()
-    assert _wait_final(pg_url, run_id) == "completed"
-    _assert_exactly_once(pg_url, run_id, len(PAIRS), 3)
-    attempts = scalar(pg_url, "SELECT attempts FROM chunks WHERE run_id = :r AND id = :c", r=run_id,
-                      c=killed_in[0][0])
-    assert attempts == 2  # the killed start counted, the redelivery finished it
 
 
 def test_redis_restart_mid_run_loses_nothing(tmp_path: Path, pg_url: str, queue: str, workers: list[Worker],

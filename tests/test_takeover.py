@@ -6,7 +6,6 @@ Real `lora-compare worker` processes on Redis and PostgreSQL with the default vi
 
 from __future__ import annotations
 
-import json
 import re
 import signal
 import time
@@ -17,6 +16,7 @@ import pytest
 from db.engine import make_engine, session_factory
 from db.leases import HEARTBEAT_S, LEASE_GRACE_S, LEASE_S, SWEEP_S
 from db.progress import RunProgress, run_progress
+from producer.display import progress_line, stalled_lines
 from tests.cluster import Worker, lora, rows, scalar
 from tests.test_distributed import (
     PAIRS,
@@ -38,13 +38,15 @@ VISIBILITY_S = 3600
 #: The longest a dead holder's chunk waits: its lease, the grace, one sweep interval, and some slack.
 TAKEOVER_BOUND_S = LEASE_S + LEASE_GRACE_S + SWEEP_S + 15
 assert TAKEOVER_BOUND_S <= 60 and HEARTBEAT_S < LEASE_S
+#: The runs' chunks (`_config`'s chunk size is 2)
+N_CHUNKS = len(PAIRS) // 2
 
 
-def _kill_mid_chunk(db_url: str, run_id: int, candidates: list[Worker]) -> tuple[int, int, float]:
-    """SIGKILL whichever worker is generating a chunk (after a first chunk is done, so the model is
-    loaded); returns the chunk, its lease token and the moment of the kill."""
+def _kill_mid_chunk(db_url: str, run_id: int, candidates: list[Worker], *, after: int = 1) -> tuple[int, int, float]:
+    """SIGKILL whichever worker is generating a chunk once `after` chunks are done (at least one, so the
+    model is loaded); returns the chunk, its lease token and the moment of the kill."""
     by_name = {w.name: w for w in candidates}
-    wait_until(lambda: _done_chunks(db_url, run_id) >= 1 and bool(rows(
+    wait_until(lambda: _done_chunks(db_url, run_id) >= after and bool(rows(
         db_url, "SELECT id FROM chunks WHERE run_id = :r AND status = 'running'", r=run_id)),
         120, "a worker in the middle of a chunk", interval=0.05)
     chunk_id, token, holder = rows(db_url, "SELECT id, lease_token, worker FROM chunks WHERE run_id = :r "
@@ -113,45 +115,32 @@ def test_a_killed_workers_chunk_is_taken_over_by_a_live_worker(
 def test_the_only_worker_killed_and_a_new_one_started_resumes_with_no_manual_step(
         tmp_path: Path, pg_url: str, queue: str, workers: list[Worker],  # noqa: F811
         test_adapters: dict[str, Path]) -> None:
+    """Before leases the chunk stayed `running` for the hour and `status` said `running ... 0.1 rows/s
+    ETA 13m15s`; now status shows the dead worker and no ETA until the new worker takes the chunk over."""
     config = _config(tmp_path, test_adapters)
     w1 = Worker("w1@test", pg_url, REDIS, queue, tmp_path, visibility_timeout=VISIBILITY_S)
     w2 = Worker("w2@test", pg_url, REDIS, queue, tmp_path, visibility_timeout=VISIBILITY_S)
     workers += [w1, w2]
     w1.start().wait_ready()
     run_id = _submit(pg_url, REDIS, config, queue)
-    chunk_id, token, killed_at = _kill_mid_chunk(pg_url, run_id, [w1])
+    # Killed on the last chunk, so that nothing else progresses until the takeover (no ETA meanwhile).
+    chunk_id, token, killed_at = _kill_mid_chunk(pg_url, run_id, [w1], after=N_CHUNKS - 1)
     w2.start()  # a supervisor's restart: a new process, a new name
-    _wait_takeover(pg_url, run_id, chunk_id, token)
+    shown = _wait_takeover(pg_url, run_id, chunk_id, token)
     took = time.monotonic() - killed_at
     print(f"\nkill-to-takeover (only worker killed, new one started): {took:.1f}s (bound {TAKEOVER_BOUND_S:.0f}s)")
     assert took <= TAKEOVER_BOUND_S
-    _check_after(pg_url, run_id, chunk_id, w1.name)
-
-
-def test_status_shows_the_killed_worker_and_no_eta_until_the_takeover(
-        tmp_path: Path, pg_url: str, queue: str, workers: list[Worker],  # noqa: F811
-        test_adapters: dict[str, Path]) -> None:
-    """Before leases `status` said `running ... 0.1 rows/s ETA 13m15s` for a SIGKILLed worker's run."""
-    config = _config(tmp_path, test_adapters)
-    w1 = Worker("w1@test", pg_url, REDIS, queue, tmp_path, visibility_timeout=VISIBILITY_S)
-    w2 = Worker("w2@test", pg_url, REDIS, queue, tmp_path, visibility_timeout=VISIBILITY_S)
-    workers += [w1, w2]
-    w1.start().wait_ready()
-    run_id = _submit(pg_url, REDIS, config, queue)
-    chunk_id, _, _ = _kill_mid_chunk(pg_url, run_id, [w1])
-    wait_until(lambda: bool(scalar(pg_url, "SELECT lease_expires_at < now() FROM chunks WHERE run_id = :r "
-                                           "AND id = :c", r=run_id, c=chunk_id)),
-               LEASE_S + 15, "the dead worker's lease to expire", interval=0.5)
-    shown = lora(pg_url, REDIS, "status", str(run_id))
-    assert shown.returncode == 0, shown.stderr
+    # What `status RUN` printed meanwhile (the same functions; tests/test_status_truth.py runs the CLI).
+    assert shown, "status never showed the dead worker's chunk as stalled before it was taken over"
+    last = shown[-1]
+    text = "\n".join([progress_line(last), *stalled_lines(last)])
     assert re.search(rf"chunk {chunk_id}: worker w1@test silent for \d+ s \(presumed dead; it will be taken back\)",
-                     shown.stdout), shown.stdout
-    assert "ETA -" in shown.stdout and "1 stalled" in shown.stdout, shown.stdout
-    as_json = json.loads(lora(pg_url, REDIS, "status", str(run_id), "--format", "json").stdout)
+                     text), text
+    assert "ETA -" in text and "1 stalled" in text, text
+    as_json = last.to_json()
     assert as_json["eta_s"] is None and as_json["chunks_running"] == 0 and as_json["progressing"] is False
     [stalled] = as_json["stalled_chunks"]
     assert (stalled["chunk"], stalled["worker"]) == (chunk_id, "w1@test") and stalled["silent_s"] >= LEASE_S * 0.9
-    w2.start()
-    assert _wait_final(pg_url, run_id) == "completed"
-    after = lora(pg_url, REDIS, "status", str(run_id)).stdout
-    assert "silent" not in after and "stalled" not in after, after
+    _check_after(pg_url, run_id, chunk_id, w1.name)
+    after = lora(pg_url, REDIS, "status", str(run_id))
+    assert after.returncode == 0 and "silent" not in after.stdout and "stalled" not in after.stdout, after.stdout
