@@ -44,6 +44,22 @@ class ChunkStatus(_StrEnum):
     CANCELLED = "cancelled"
 
 
+class AttemptOutcome(_StrEnum):
+    """How one attempt at a chunk ended (`chunk_attempts.outcome`, migration 0007)."""
+
+    RUNNING = "running"  # claimed, not ended yet
+    DONE = "done"  # its outputs were written and the chunk completed
+    FAILED = "failed"  # an error was recorded: the chunk was retried, or failed for good
+    WORKER_LOST = "worker_lost"  # its worker went silent: the lease expired and was taken back (sweep or takeover)
+    REFUSED = "refused"  # the worker could not serve the chunk at all (a message from a newer producer)
+    CANCELLED = "cancelled"  # ended from outside while it ran: `retry` requeued the chunk
+    HANDED_BACK = "handed_back"  # a graceful shutdown gave the chunk back; not counted against max attempts
+
+
+#: Attempts that a chunk's attempt bound does not count.
+UNCOUNTED_OUTCOMES = (AttemptOutcome.HANDED_BACK,)
+
+
 class FinishReason(_StrEnum):
     """Why generation of one row stopped, or why it never started."""
 

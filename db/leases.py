@@ -27,7 +27,8 @@ from datetime import datetime, timedelta, timezone
 from sqlalchemy import ColumnElement, func, or_, select, text, update
 from sqlalchemy.orm import Session
 
-from .enums import EMBEDDED_QUEUE, ChunkStatus, RunStatus
+from .attempts import close_attempt
+from .enums import EMBEDDED_QUEUE, AttemptOutcome, ChunkStatus, RunStatus
 from .schema import Chunk, Run, utcnow
 
 log = logging.getLogger(__name__)
@@ -138,8 +139,9 @@ def expire_leases(session: Session, *, grace_s: float = LEASE_GRACE_S, limit: in
     """Put `running` chunks whose lease expired more than `grace_s` ago back to `queued`.
 
     Each is guarded by its token and status, so of two sweepers exactly one takes a chunk; the token
-    moves on at once, so the presumed-dead holder's writes are refused from here. The attempt is
-    counted by the next claim. Returns what was taken back: the caller sends their messages.
+    moves on at once, so the presumed-dead holder's writes are refused from here; its attempt ends
+    `worker_lost` (db.attempts). The next claim counts a new attempt. Returns what was taken back:
+    the caller sends their messages.
     """
     now = db_now(session)
     cutoff = now - timedelta(seconds=grace_s)
@@ -163,6 +165,7 @@ def expire_leases(session: Session, *, grace_s: float = LEASE_GRACE_S, limit: in
                f"{aware(chunk.lease_expires_at).isoformat(timespec='seconds')}; requeued"
         log.warning("run %s chunk %s: %s", run_id, chunk_id, note)
         taken.append(Expired(run_id, chunk_id, run.queue, chunk.worker))
+        close_attempt(session, run_id, chunk_id, AttemptOutcome.WORKER_LOST, token=token, error=note, now=now)
         chunk.status = ChunkStatus.QUEUED
         chunk.lease_token = (token or 0) + 1
         chunk.lease_expires_at = None

@@ -17,6 +17,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from .attempts import ChunkHistory, run_history
 from .enums import ChunkStatus, RunStatus
 from .leases import LEASE_S, db_now
 from .schema import Chunk, Generation, Run, Variant
@@ -24,7 +25,8 @@ from .schema import Chunk, Generation, Run, Variant
 
 @dataclass(frozen=True)
 class FailedChunk:
-    """A chunk that failed for good: after how many attempts, and the last error."""
+    """A chunk that failed for good: after how many attempts, and the last error (the causes of each
+    attempt: `RunProgress.chunk_attempts`)."""
 
     chunk: int
     attempts: int
@@ -86,6 +88,9 @@ class RunProgress:
     rate_window_s: float | None = None
     #: The broker queue the run's chunks go to (None: the default queue; `(embedded)`: none)
     queue: str | None = None
+    #: The attempts of each chunk that failed or was tried again (a lost worker, an error, a refusal),
+    #: lowest ids first, at most `db.attempts.MAX_HISTORY_CHUNKS` chunks
+    chunk_attempts: list[ChunkHistory] = field(default_factory=list)
 
     @property
     def active(self) -> bool:
@@ -118,6 +123,7 @@ class RunProgress:
             data[key] = _iso(data[key])
         for stalled in data["stalled_chunks"]:
             stalled["lease_expires_at"] = _iso(stalled["lease_expires_at"])
+        data["chunk_attempts"] = [history.to_json() for history in self.chunk_attempts]
         data["fraction"] = round(self.fraction, 4)
         data["eta_s"] = self.eta_s
         data["progressing"] = self.progressing
@@ -210,6 +216,7 @@ def run_progress(session: Session, run_id: int) -> RunProgress | None:
         stall_after_s=stall_after,
         rate_window_s=rate_window,
         queue=run.queue,
+        chunk_attempts=run_history(session, run_id),
     )
 
 

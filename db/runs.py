@@ -15,14 +15,12 @@ from typing import Any
 from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
-from .enums import ChunkStatus, RunStatus
+from .attempts import close_attempt, close_running_attempts, give_up_reason, open_attempt, record_attempt
+from .enums import AttemptOutcome, ChunkStatus, RunStatus
 from .leases import db_now, hold_lease, lease_is_live, lock_run, take_lease, takeover_note
-from .schema import Chunk, Example, Run, Variant, utcnow
+from .schema import MAX_ERROR_CHARS, Chunk, Example, Run, Variant, utcnow  # MAX_ERROR_CHARS: db.runs' too
 
 log = logging.getLogger(__name__)
-
-#: Longest error text kept on a chunk or run row.
-MAX_ERROR_CHARS = 2000
 
 
 @dataclass(frozen=True)
@@ -166,15 +164,15 @@ def claim_chunk(
         # The holder's lease expired (or this same worker restarted): it is presumed dead.
         chunk.error = takeover_note(chunk, worker, now)[:MAX_ERROR_CHARS]
         log.warning("run %s chunk %s: %s", run_id, chunk_id, chunk.error)
+        close_attempt(session, run_id, chunk_id, AttemptOutcome.WORKER_LOST, token=chunk.lease_token,
+                      error=chunk.error, now=now)
     if chunk.attempts >= max_attempts:
-        reason = f"gave up after {chunk.attempts} attempts"
-        if chunk.error:
-            reason += f"; last error: {chunk.error}"
-        _finish_chunk(session, run, chunk, ChunkStatus.FAILED, error=reason)
+        _finish_chunk(session, run, chunk, ChunkStatus.FAILED, error=give_up_reason(session, chunk))
         return None
     chunk.attempts += 1
     chunk.status = ChunkStatus.RUNNING
     token = take_lease(chunk, worker, now)
+    open_attempt(session, chunk, now)
     chunk.started_at = utcnow()
     if run.status == RunStatus.QUEUED:
         run.status = RunStatus.RUNNING
@@ -196,6 +194,8 @@ def complete_chunk(session: Session, run_id: int, chunk_id: int, *, generate_sec
     if run is None or chunk is None:
         return False
     chunk.lease_expires_at = None
+    if chunk.status == ChunkStatus.RUNNING:
+        close_attempt(session, run_id, chunk_id, AttemptOutcome.DONE, token=chunk.lease_token)
     chunk.generate_seconds = generate_seconds
     chunk.device, chunk.dtype, chunk.engine = device, dtype, engine
     _finish_chunk(session, run, chunk, ChunkStatus.DONE, error=None)
@@ -203,10 +203,12 @@ def complete_chunk(session: Session, run_id: int, chunk_id: int, *, generate_sec
 
 
 def fail_chunk(session: Session, run_id: int, chunk_id: int, *, error: str, final: bool,
-               token: int | None = None) -> bool:
+               token: int | None = None, refused_by: str | None = None) -> bool:
     """Record a chunk's error; `final` fails it, otherwise it goes back to `queued` for another try.
 
     With `token` (a claim's), refused (False, nothing written) unless that token still holds the lease.
+    `refused_by`: a worker that could not serve the chunk at all, without claiming it; its attempt is
+    recorded `refused` (not counted in `attempts`).
     """
     if token is not None and hold_lease(session, run_id, chunk_id, token) is None:
         return False
@@ -214,6 +216,14 @@ def fail_chunk(session: Session, run_id: int, chunk_id: int, *, error: str, fina
     chunk = session.get(Chunk, (run_id, chunk_id), with_for_update=True, populate_existing=True)
     if run is None or chunk is None or chunk.status in (ChunkStatus.DONE, ChunkStatus.CANCELLED):
         return False
+    if refused_by is None:
+        if chunk.status == ChunkStatus.RUNNING:
+            close_attempt(session, run_id, chunk_id, AttemptOutcome.FAILED, token=chunk.lease_token, error=error)
+    else:
+        if chunk.status == ChunkStatus.RUNNING:  # another worker's claim, ended by this refusal
+            close_attempt(session, run_id, chunk_id, AttemptOutcome.CANCELLED, token=chunk.lease_token,
+                          error=f"the chunk was failed meanwhile: refused by {refused_by}")
+        record_attempt(session, chunk, AttemptOutcome.REFUSED, worker=refused_by, error=error)
     chunk.lease_expires_at = None
     if final:
         _finish_chunk(session, run, chunk, ChunkStatus.FAILED, error=error)
@@ -273,6 +283,9 @@ def cancel_run(session: Session, run_id: int) -> int:
 def requeue_run(session: Session, run_id: int, *, queue: str | None = None) -> list[int]:
     """Put every chunk that is not done back to `queued` with fresh attempts; returns their ids.
 
+    Their history (`chunk_attempts`) stays: new attempts are numbered after it; a chunk's attempt that
+    was still running ends `cancelled`.
+
     `queue`: where their messages now go (recorded on the run for the lease sweep).
     """
     run = _lock_run(session, run_id)
@@ -283,6 +296,7 @@ def requeue_run(session: Session, run_id: int, *, queue: str | None = None) -> l
     ids = chunk_ids(session, run_id, [ChunkStatus.QUEUED, ChunkStatus.FAILED, ChunkStatus.CANCELLED,
                                       ChunkStatus.RUNNING])
     if ids:
+        close_running_attempts(session, run_id, AttemptOutcome.CANCELLED, "requeued by retry while it ran")
         session.execute(
             update(Chunk)
             .where(Chunk.run_id == run_id, Chunk.id.in_(ids))

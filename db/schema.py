@@ -1,10 +1,11 @@
 """The schema, as SQLAlchemy 2.0 typed ORM classes.
 
 Tables: `runs` (one per submitted config), `variants` (base + each adapter of a run), `examples`
-(each dataset row with its rendered prompt), `chunks` (the unit of work on the queue) and
-`generations` (one row per run, example and variant). The views `outputs` and `comparisons`
-(public, stable) are created by the migrations. Status and finish-reason columns are plain strings in
-SQL, limited by CHECK constraints to the values of `db.enums` (migration 0005 adds them).
+(each dataset row with its rendered prompt), `chunks` (the unit of work on the queue), `chunk_attempts`
+(each claim of a chunk and how it ended) and `generations` (one row per run, example and variant). The
+views `outputs` and `comparisons` (public, stable) are created by the migrations. Status, outcome and
+finish-reason columns are plain strings in SQL, limited by CHECK constraints to the values of
+`db.enums` (migrations 0005 and 0007 add them).
 """
 
 from __future__ import annotations
@@ -28,9 +29,13 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from .enums import BASE_VARIANT, ChunkStatus, FinishReason, RunStatus
+from .enums import BASE_VARIANT, AttemptOutcome, ChunkStatus, FinishReason, RunStatus
 
-__all__ = ["BASE_VARIANT", "Base", "Chunk", "Example", "Generation", "Run", "Variant", "Verification", "utcnow"]
+__all__ = ["BASE_VARIANT", "MAX_ERROR_CHARS", "Base", "Chunk", "ChunkAttempt", "Example", "Generation", "Run",
+           "Variant", "Verification", "utcnow"]
+
+#: Longest error text kept on a chunk, attempt or run row.
+MAX_ERROR_CHARS = 2000
 
 
 def _one_of(column: str, values: type[Enum], name: str) -> CheckConstraint:
@@ -128,6 +133,32 @@ class Chunk(Base):
     __table_args__ = (
         Index("ix_chunks_run_status", "run_id", "status"),
         _one_of("status", ChunkStatus, "ck_chunks_status"),
+    )
+
+
+class ChunkAttempt(Base):
+    """One attempt at a chunk (migration 0007): who claimed it under which lease, and how it ended.
+
+    `n` numbers a chunk's attempts 1, 2, 3... and is never reset: `retry` keeps the history (it
+    resets only `chunks.attempts`, the count the attempt bound uses). See db/attempts.py.
+    """
+
+    __tablename__ = "chunk_attempts"
+
+    run_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    chunk_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    n: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    worker: Mapped[str | None] = mapped_column(String(200))
+    lease_token: Mapped[int | None] = mapped_column(Integer)  # the claim's fencing token (null: not a claim)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    ended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))  # null while `running`
+    outcome: Mapped[str] = mapped_column(String(16), default=AttemptOutcome.RUNNING.value)
+    error: Mapped[str | None] = mapped_column(Text)  # why it ended, when not `done` (at most MAX_ERROR_CHARS)
+
+    __table_args__ = (
+        ForeignKeyConstraint(["run_id", "chunk_id"], ["chunks.run_id", "chunks.id"], ondelete="CASCADE",
+                             name="fk_chunk_attempts_chunk"),
+        _one_of("outcome", AttemptOutcome, "ck_chunk_attempts_outcome"),
     )
 
 

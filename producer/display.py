@@ -119,3 +119,19 @@ def stalled_lines(p: RunProgress) -> list[str]:
         lines.append(f"no chunk running: {p.chunks_waiting} chunk{plural} waiting for a worker, "
                      f"the oldest for {_duration(p.waiting_s)}")
     return lines
+
+
+#: Chunks whose attempts `status` lists, at most (`--format json` has them all, up to its own bound).
+MAX_ATTEMPT_LINES = 20
+
+
+def attempt_lines(p: RunProgress) -> list[str]:
+    """`chunk 3 attempts: worker lost x3 (w1, w2, w3)`: the causes of each failed or retried chunk's attempts."""
+    lines = []
+    for history in p.chunk_attempts[:MAX_ATTEMPT_LINES]:
+        now = "" if history.status in (ChunkStatus.DONE, ChunkStatus.FAILED) else f"; now {history.status}"
+        lines.append(f"chunk {history.chunk} attempts: {history.summary}{now}")
+    if len(p.chunk_attempts) > MAX_ATTEMPT_LINES:
+        lines.append(f"... and {len(p.chunk_attempts) - MAX_ATTEMPT_LINES} more chunk(s) with failed attempts "
+                     "(status --format json lists them)")
+    return lines

@@ -15,7 +15,7 @@ from sqlalchemy import CheckConstraint, Column, Engine, Integer, MetaData, inspe
 from sqlalchemy.exc import IntegrityError
 
 from db.engine import make_engine
-from db.enums import ChunkStatus, FinishReason, RunStatus
+from db.enums import AttemptOutcome, ChunkStatus, FinishReason, RunStatus
 from db.migrate import MIGRATIONS_DIR, _config, current_revision, upgrade
 from db.schema import Base
 from db.views import VIEW_COLUMNS
@@ -25,6 +25,7 @@ CHECKED: list[tuple[str, str, type[Enum]]] = [
     ("runs", "status", RunStatus),
     ("chunks", "status", ChunkStatus),
     ("generations", "finish_reason", FinishReason),
+    ("chunk_attempts", "outcome", AttemptOutcome),
 ]
 
 
@@ -72,6 +73,8 @@ def test_check_constraints_take_every_enum_value_and_refuse_others(any_db_url: s
     upgrade(engine)
     with engine.begin() as conn:
         _insert_run(conn)
+        conn.execute(text("INSERT INTO chunk_attempts (run_id, chunk_id, n, started_at, outcome) "
+                          "VALUES (1, 0, 1, :t, 'running')"), {"t": "2026-01-01 00:00:00"})
     for table, column, values in CHECKED:
         with engine.begin() as conn:
             for value in values:

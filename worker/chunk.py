@@ -174,9 +174,11 @@ def _count_failure(sessions: sessionmaker[Session], claim: ChunkClaim, error: st
     return outcome if outcome is Processed.SKIPPED or final else Processed.RETRY
 
 
-def refuse_chunk(sessions: sessionmaker[Session], run_id: int, chunk_id: int, reason: str) -> None:
-    """Fail a chunk this worker cannot serve at all (a message from a newer producer), in one attempt."""
-    _record_failure(sessions, run_id, chunk_id, reason, final=True)
+def refuse_chunk(sessions: sessionmaker[Session], run_id: int, chunk_id: int, reason: str, *,
+                 worker: str | None = None) -> None:
+    """Fail a chunk this worker cannot serve at all (a message from a newer producer), in one attempt
+    (recorded `refused` in its history, by `worker`)."""
+    _record_failure(sessions, run_id, chunk_id, reason, final=True, refused_by=worker or "?")
 
 
 def _write_outputs(
@@ -233,13 +235,13 @@ def _row(run_id: int, chunk_id: int, worker: str, record: OutputRecord) -> NewGe
 
 
 def _record_failure(sessions: sessionmaker[Session], run_id: int, chunk_id: int, error: str, *, final: bool,
-                    token: int | None = None) -> Processed:
+                    token: int | None = None, refused_by: str | None = None) -> Processed:
     """FAILED once recorded; SKIPPED when `token` (the claim's) lost the lease (nothing written)."""
     try:
         with sessions.begin() as session:
             if token is not None and hold_lease(session, run_id, chunk_id, token) is None:
                 return Processed.SKIPPED
-            fail_chunk(session, run_id, chunk_id, error=error, final=final)
+            fail_chunk(session, run_id, chunk_id, error=error, final=final, refused_by=refused_by)
     except _TRANSIENT_DB_ERRORS as err:
         raise RetryableChunkError(f"database unreachable while recording a failure: {err}") from err
     return Processed.FAILED

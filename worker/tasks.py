@@ -71,7 +71,7 @@ def run_chunk_task(self: Task, *args: Any, **kwargs: Any) -> str:
         reason = (f"the chunk's queue message has version {version}, newer than this worker reads "
                   f"({MESSAGE_VERSION}): upgrade lora-compare on the workers")
         log.error("run %s chunk %s: %s", run_id, chunk_id, reason)
-        refuse_chunk(ctx.sessions, run_id, chunk_id, reason)
+        refuse_chunk(ctx.sessions, run_id, chunk_id, reason, worker=ctx.name)
         return Processed.FAILED.value
     try:
         outcome = process_chunk(

@@ -62,6 +62,8 @@ def status(obj: Context, run_id: int | None, watch: bool, fmt: str, limit: int) 
         click.echo(f"error: {progress.error}")
     for failed in progress.failed_chunks:
         click.echo(f"chunk {failed.chunk} failed after {failed.attempts} attempt(s): {failed.error}")
+    for line in display.attempt_lines(progress):
+        click.echo(line)
 
 
 @cli.command()
