@@ -127,7 +127,9 @@ def give_up_reason(session: Session, chunk: Chunk) -> str:
     Worker deaths in most of them (two or more) are named as such: the chunk may crash its worker.
     """
     used = chunk.attempts
-    counted = [a for a in chunk_attempts(session, chunk.run_id, chunk.id) if a.outcome not in UNCOUNTED_OUTCOMES]
+    with session.no_autoflush:  # the chunk's pending changes are flushed once, with its final state
+        history = chunk_attempts(session, chunk.run_id, chunk.id)
+    counted = [a for a in history if a.outcome not in UNCOUNTED_OUTCOMES]
     counted = counted[-used:] if used > 0 else []
     head = f"gave up after {used} attempts"
     last_error = f"; last error: {chunk.error}" if chunk.error else ""

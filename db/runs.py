@@ -162,21 +162,24 @@ def claim_chunk(
         return None
     if chunk.status == ChunkStatus.RUNNING and chunk.lease_expires_at is not None:
         # The holder's lease expired (or this same worker restarted): it is presumed dead.
-        chunk.error = takeover_note(chunk, worker, now)[:MAX_ERROR_CHARS]
-        log.warning("run %s chunk %s: %s", run_id, chunk_id, chunk.error)
+        note = takeover_note(chunk, worker, now)[:MAX_ERROR_CHARS]
+        log.warning("run %s chunk %s: %s", run_id, chunk_id, note)
+        # (the attempt rows are written before the chunk's attributes change, or after all of them:
+        # autoflush would otherwise split the chunk's UPDATE in two)
         close_attempt(session, run_id, chunk_id, AttemptOutcome.WORKER_LOST, token=chunk.lease_token,
-                      error=chunk.error, now=now)
+                      error=note, now=now)
+        chunk.error = note
     if chunk.attempts >= max_attempts:
         _finish_chunk(session, run, chunk, ChunkStatus.FAILED, error=give_up_reason(session, chunk))
         return None
     chunk.attempts += 1
     chunk.status = ChunkStatus.RUNNING
     token = take_lease(chunk, worker, now)
-    open_attempt(session, chunk, now)
     chunk.started_at = utcnow()
     if run.status == RunStatus.QUEUED:
         run.status = RunStatus.RUNNING
         run.started_at = run.started_at or utcnow()
+    open_attempt(session, chunk, now)
     return ChunkClaim(run_id, chunk_id, chunk.attempts, chunk.start_idx, chunk.end_idx, token)
 
 
@@ -193,9 +196,9 @@ def complete_chunk(session: Session, run_id: int, chunk_id: int, *, generate_sec
     chunk = session.get(Chunk, (run_id, chunk_id), with_for_update=True, populate_existing=True)
     if run is None or chunk is None:
         return False
-    chunk.lease_expires_at = None
     if chunk.status == ChunkStatus.RUNNING:
         close_attempt(session, run_id, chunk_id, AttemptOutcome.DONE, token=chunk.lease_token)
+    chunk.lease_expires_at = None
     chunk.generate_seconds = generate_seconds
     chunk.device, chunk.dtype, chunk.engine = device, dtype, engine
     _finish_chunk(session, run, chunk, ChunkStatus.DONE, error=None)

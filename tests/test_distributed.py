@@ -184,12 +184,16 @@ def test_a_chunk_that_always_crashes_its_worker_is_failed_then_retried(
     chunk = rows(pg_url, "SELECT id, status, attempts, error FROM chunks WHERE run_id = :r AND status <> 'done'",
                  r=run_id)
     assert [(c[0], c[1]) for c in chunk] == [(1, "failed")]
-    assert "gave up after 2 attempts" in str(chunk[0][3])
+    # Every attempt's cause is kept (chunk_attempts), and the final error names the repeated deaths.
+    assert "gave up after 2 attempts: the worker died 2 times while running this chunk (worker w1@test;" \
+        in str(chunk[0][3]), chunk[0][3]
     assert crashy.starts >= 2
     status = lora(pg_url, REDIS, "status", str(run_id))
     assert "chunk 1 failed after 2 attempt(s)" in status.stdout
+    assert "chunk 1 attempts: worker lost x2 (w1@test)\n" in status.stdout, status.stdout
     status_json = json.loads(lora(pg_url, REDIS, "status", str(run_id), "--format", "json").stdout)
     assert status_json["failed_chunks"][0]["chunk"] == 1
+    assert [(c["chunk"], c["summary"]) for c in status_json["chunk_attempts"]] == [(1, "worker lost x2 (w1@test)")]
     assert int(scalar(pg_url, "SELECT count(*) FROM generations WHERE run_id = :r", r=run_id) or 0) == 2 * 4
 
     # The fix: a worker without the fault; `retry` takes the failed chunk again.
@@ -200,6 +204,10 @@ def test_a_chunk_that_always_crashes_its_worker_is_failed_then_retried(
     assert lora(pg_url, REDIS, "retry", str(run_id), "--queue", queue).returncode == 0
     assert _wait_final(pg_url, run_id) == "completed"
     _assert_exactly_once(pg_url, run_id, len(pairs), 2)
+    history = rows(pg_url, "SELECT n, worker, outcome FROM chunk_attempts WHERE run_id = :r AND chunk_id = 1 "
+                           "ORDER BY n", r=run_id)
+    assert [tuple(h) for h in history] == [(1, "w1@test", "worker_lost"), (2, "w1@test", "worker_lost"),
+                                           (3, "w2@test", "done")]  # retry kept the history and numbered on
 
 
 def test_cancel_stops_a_run_and_retry_resumes_only_what_is_missing(
