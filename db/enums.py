@@ -56,8 +56,8 @@ class AttemptOutcome(_StrEnum):
     HANDED_BACK = "handed_back"  # a graceful shutdown gave the chunk back; not counted against max attempts
 
 
-#: Attempts that a chunk's attempt bound does not count.
-UNCOUNTED_OUTCOMES = (AttemptOutcome.HANDED_BACK,)
+#: Attempts that `chunks.attempts` (the count the attempt bound uses) does not count: no claim, or one given back.
+UNCOUNTED_OUTCOMES = (AttemptOutcome.REFUSED, AttemptOutcome.HANDED_BACK)
 
 
 class FinishReason(_StrEnum):

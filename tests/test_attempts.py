@@ -29,6 +29,9 @@ from db.runs import (
 )
 from db.schema import Chunk, ChunkAttempt, utcnow
 from producer.cli import cli
+from tests.fake_generator import FakeGenerator
+from tests.test_chunk import _fake_run
+from worker.chunk import Processed, process_chunk, refuse_chunk
 
 
 def _setup(url: str, *, n: int = 4) -> tuple[Any, sessionmaker[Session], int]:
@@ -206,8 +209,7 @@ def test_a_stale_token_records_nothing(any_db_url: str) -> None:
 
 def test_a_refusal_is_one_attempt_recorded_refused(any_db_url: str) -> None:
     engine, sessions, run_id = _setup(any_db_url)
-    with sessions.begin() as session:
-        assert fail_chunk(session, run_id, 0, error="message version 9: upgrade", final=True, refused_by="w9")
+    refuse_chunk(sessions, run_id, 0, "message version 9: upgrade", worker="w9")  # what worker.tasks does
     [refused] = _attempts(sessions, run_id, 0)
     assert (_row(refused), refused.error) == ((1, "w9", None, "refused"), "message version 9: upgrade")
     assert refused.started_at is not None and refused.ended_at is not None
@@ -243,4 +245,20 @@ def test_the_documented_query_reads_the_history_through_the_read_only_sql(any_db
     lost = run_readonly(any_db_url, "SELECT worker, count(*) AS lost FROM chunk_attempts WHERE outcome = 'worker_lost' "
                                     "GROUP BY worker ORDER BY lost DESC")
     assert lost.rows == [("w1", 1)]
+    engine.dispose()
+
+
+def test_the_worker_path_records_each_failed_attempt_then_the_done_one(sqlite_url: str) -> None:
+    """process_chunk over a fake generator: an error counted and retried, then the final failure, then
+    after `retry` a good attempt: four rows, numbered on."""
+    engine, sessions, run_id = _fake_run(sqlite_url)
+    broken = FakeGenerator(fail=RuntimeError("CUDA out of memory"))
+    assert process_chunk(sessions, broken, run_id, 0, worker="w1", max_attempts=2) is Processed.RETRY
+    assert process_chunk(sessions, broken, run_id, 0, worker="w2", max_attempts=2) is Processed.FAILED
+    with sessions.begin() as session:
+        requeue_run(session, run_id)
+    assert process_chunk(sessions, FakeGenerator(), run_id, 0, worker="w3", max_attempts=2) is Processed.DONE
+    attempts = _attempts(sessions, run_id, 0)
+    assert [_row(a) for a in attempts] == [(1, "w1", 1, "failed"), (2, "w2", 2, "failed"), (3, "w3", 3, "done")]
+    assert attempts[0].error == attempts[1].error == "RuntimeError: CUDA out of memory"
     engine.dispose()
