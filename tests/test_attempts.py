@@ -3,60 +3,27 @@ writes its row, `retry` keeps the history, repeated worker deaths are named, sta
 
 from __future__ import annotations
 
-import json
-from datetime import timedelta
 from typing import Any
 
-from click.testing import CliRunner
-from sqlalchemy import func, select, text, update
+from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.attempts import Attempt, chunk_attempts
-from db.engine import make_engine, session_factory
 from db.leases import expire_leases
-from db.migrate import upgrade
 from db.progress import run_progress
 from db.readonly import run_readonly
-from db.runs import (
-    NewExample,
-    NewVariant,
-    claim_chunk,
-    complete_chunk,
-    create_run,
-    delete_run,
-    fail_chunk,
-    requeue_run,
-)
-from db.schema import Chunk, ChunkAttempt, utcnow
-from producer.cli import cli
+from db.runs import claim_chunk, complete_chunk, delete_run, fail_chunk, requeue_run
+from db.schema import ChunkAttempt
 from tests.fake_generator import FakeGenerator
 from tests.test_chunk import _fake_run
+from tests.test_leases import _chunk, _expire, _setup
+from tests.test_status_truth import _status
 from worker.chunk import Processed, process_chunk, refuse_chunk
-
-
-def _setup(url: str, *, n: int = 4) -> tuple[Any, sessionmaker[Session], int]:
-    engine = make_engine(url)
-    upgrade(engine)
-    sessions = session_factory(engine)
-    with sessions.begin() as session:
-        run = create_run(
-            session, name="t", config={"x": 1}, config_path=None, base_model="demo", dataset_path="d.jsonl",
-            dataset_sha256="0" * 64, variants=[NewVariant("base", None, None)],
-            examples=[NewExample(i, {"i": i}, f"p{i}", None) for i in range(n)], chunk_size=2, queue="q-test",
-        )
-        return engine, sessions, run.id
 
 
 def _claim(sessions: sessionmaker[Session], run_id: int, chunk_id: int, worker: str, max_attempts: int = 3) -> Any:
     with sessions.begin() as session:
         return claim_chunk(session, run_id, chunk_id, worker=worker, max_attempts=max_attempts)
-
-
-def _expire(sessions: sessionmaker[Session], run_id: int, chunk_id: int) -> None:
-    """What a SIGKILLed holder leaves: a lease nobody renewed."""
-    with sessions.begin() as session:
-        session.execute(update(Chunk).where(Chunk.run_id == run_id, Chunk.id == chunk_id)
-                        .values(lease_expires_at=utcnow() - timedelta(seconds=60)))
 
 
 def _attempts(sessions: sessionmaker[Session], run_id: int, chunk_id: int) -> list[Attempt]:
@@ -66,19 +33,6 @@ def _attempts(sessions: sessionmaker[Session], run_id: int, chunk_id: int) -> li
 
 def _row(a: Attempt) -> tuple[int, str | None, int | None, str]:
     return a.n, a.worker, a.lease_token, a.outcome
-
-
-def _chunk(sessions: sessionmaker[Session], run_id: int, chunk_id: int) -> Chunk:
-    with sessions() as session:
-        chunk = session.get(Chunk, (run_id, chunk_id))
-        assert chunk is not None
-        return chunk
-
-
-def _status(url: str, run_id: int, *args: str) -> Any:
-    result = CliRunner().invoke(cli, ["--database-url", url, "status", str(run_id), *args])
-    assert result.exit_code == 0, result.output
-    return json.loads(result.output) if "json" in args else result.output
 
 
 def test_claim_fail_and_complete_write_their_attempt_rows(any_db_url: str) -> None:
