@@ -114,6 +114,19 @@ def test_mixed_causes_are_counted_with_the_last_error(any_db_url: str) -> None:
     assert error.startswith("gave up after 2 attempts (failed x1, worker lost x1); last error: worker w2 presumed "
                             "dead"), error
     assert "died" not in error
+    # chunk 1: an error, then two deaths: mostly deaths, named as such, with the other cause beside them
+    first = _claim(sessions, run_id, 1, "w1")
+    with sessions.begin() as session:
+        fail_chunk(session, run_id, 1, error="RuntimeError: boom", final=False, token=first.token)
+    for worker in ("w2", "w3"):
+        assert _claim(sessions, run_id, 1, worker) is not None
+        _expire(sessions, run_id, 1)
+    assert _claim(sessions, run_id, 1, "w4") is None
+    error = _chunk(sessions, run_id, 1).error or ""
+    assert error.startswith("gave up after 3 attempts: the worker died 2 times while running this chunk "
+                            "(workers w2, w3; the last presumed dead at "), error
+    assert error.endswith("it may crash its worker (out of memory?); also failed x1; "
+                          "last other error: RuntimeError: boom"), error
     engine.dispose()
 
 
