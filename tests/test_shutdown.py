@@ -4,15 +4,20 @@ the real worker processes (SIGTERM, SIGQUIT mid-chunk) are in test_graceful_stop
 
 from __future__ import annotations
 
+import threading
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 import torch
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from contract.config import GenerationConfig
 from contract.errors import ChunkInterrupted
+from contract.settings import Settings
+from db.enums import EMBEDDED_QUEUE
 from db.runs import complete_chunk, hand_back_chunk
 from db.schema import Chunk, Run
 from tests.fake_generator import FakeGenerator
@@ -23,6 +28,8 @@ from worker.engine.call import DecodeOptions
 from worker.engine.plain import generate_plain
 from worker.engine.request import DecodeRequest
 from worker.engine.scheduler import decode_rows
+from worker.model_host import StopFlag
+from worker.runner import run_embedded
 
 CPU = torch.device("cpu")
 NEW_TOKENS = 10
@@ -142,7 +149,6 @@ def test_a_hand_back_whose_message_cannot_be_sent_still_leaves_the_chunk_queued(
 
 def test_the_solo_pools_cold_shutdown_cancel_asks_the_chunk_to_stop_instead_of_raising() -> None:
     """Celery's solo pool raised NotImplementedError from its SIGQUIT handler into the running chunk."""
-    from contract.settings import Settings
     from worker import tasks
     from worker.model_host import ModelHost
     from worker.runner import SoloPool
@@ -156,3 +162,39 @@ def test_the_solo_pools_cold_shutdown_cancel_asks_the_chunk_to_stop_instead_of_r
         assert host.stopping.is_set()
     finally:
         tasks._context = saved
+
+
+@dataclass
+class _StoppableFake(FakeGenerator):
+    """Generates until the host is asked to stop, then stops as the engine does."""
+
+    stopping: StopFlag = field(default_factory=StopFlag)
+    started: threading.Event = field(default_factory=threading.Event)
+
+    def generate(self, rows: Any, gen: Any, inference: Any, **kwargs: Any) -> Any:
+        self.started.set()
+        deadline = time.monotonic() + 30
+        while not self.stopping.is_set() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        raise ChunkInterrupted("the worker is shutting down: generation stopped")
+
+
+def test_ctrl_c_in_embedded_mode_hands_the_chunk_back(sqlite_url: str) -> None:
+    engine, sessions, run_id = _fake_run(sqlite_url)
+    with sessions.begin() as session:
+        session.execute(update(Run).where(Run.id == run_id).values(queue=EMBEDDED_QUEUE))
+    host = _StoppableFake()
+
+    def ctrl_c(_: Any) -> None:
+        if host.started.wait(30):
+            raise KeyboardInterrupt
+
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        run_embedded(sessions, Settings.from_env(), run_id, host=host, on_progress=ctrl_c)  # type: ignore[arg-type]
+    assert time.monotonic() - started < 10
+    with sessions() as session:
+        chunk = session.get(Chunk, (run_id, 0))
+        assert chunk is not None and (chunk.status, chunk.attempts) == ("queued", 0)
+        assert chunk.error is not None and "at shutdown" in chunk.error
+    engine.dispose()

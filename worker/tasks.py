@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from celery import Celery, Task
+from celery.exceptions import Reject
 from sqlalchemy.orm import Session, sessionmaker
 
 from contract.errors import RetryableChunkError
@@ -82,6 +83,8 @@ def run_chunk_task(self: Task, *args: Any, **kwargs: Any) -> str:
         log.error("run %s chunk %s: %s", run_id, chunk_id, reason)
         refuse_chunk(ctx.sessions, run_id, chunk_id, reason)
         return Processed.FAILED.value
+    if ctx.host.stopping.is_set():  # a message delivered while the worker shuts down: left to another worker
+        raise Reject("the worker is shutting down", requeue=True)
     try:
         outcome = process_chunk(
             ctx.sessions, ctx.host, run_id, chunk_id, worker=ctx.name, max_attempts=ctx.max_attempts,
