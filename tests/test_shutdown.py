@@ -151,7 +151,7 @@ def test_the_solo_pools_cold_shutdown_cancel_asks_the_chunk_to_stop_instead_of_r
     """Celery's solo pool raised NotImplementedError from its SIGQUIT handler into the running chunk."""
     from worker import tasks
     from worker.model_host import ModelHost
-    from worker.runner import SoloPool
+    from worker.solo import SoloPool
 
     host = ModelHost(Settings.from_env(), device="cpu")
     saved = tasks._context

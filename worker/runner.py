@@ -7,7 +7,6 @@ import threading
 from collections.abc import Callable, Sequence
 
 from celery import Celery
-from celery.concurrency.solo import TaskPool as SoloTaskPool
 from celery.contrib.testing.worker import start_worker
 from celery.signals import task_postrun, worker_shutting_down
 from sqlalchemy.orm import Session, sessionmaker
@@ -28,6 +27,7 @@ from db.runs import chunk_ids
 from .app import create_app
 from .lease import Sweeper
 from .model_host import DEFAULT_MAX_ADAPTERS, ModelHost
+from .solo import SoloPool
 from .tasks import WorkerContext, configure, default_worker_name, request_stop
 
 log = logging.getLogger(__name__)
@@ -38,18 +38,6 @@ POLL_S = 0.5
 MEMORY_POLL_S = 0.01
 #: The no-op task that wakes the embedded worker's consumer loop when the run is over.
 WAKE_TASK = "lora_compare.wake"
-
-
-class SoloPool(SoloTaskPool):
-    """Celery's solo pool: the task runs in the worker's main thread, which also receives the signals.
-
-    A cold shutdown (SIGQUIT, or a second Ctrl-C) cancels the running task with `terminate_job`,
-    which the solo pool does not implement: its NotImplementedError was raised from inside the signal
-    handler into the chunk, and recorded as the chunk's error with an attempt used. Here it asks the
-    chunk to stop at its next decode step instead, and the chunk is handed back (`worker.chunk`)."""
-
-    def terminate_job(self, pid: object, signal: object = None) -> None:
-        request_stop()
 
 
 def _shutting_down(sender: object = None, **_: object) -> None:
