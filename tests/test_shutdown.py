@@ -18,7 +18,7 @@ from contract.config import GenerationConfig
 from contract.errors import ChunkInterrupted
 from contract.settings import Settings
 from db.enums import EMBEDDED_QUEUE
-from db.runs import complete_chunk, hand_back_chunk
+from db.runs import cancel_run, complete_chunk, hand_back_chunk
 from db.schema import Chunk, Run
 from tests.fake_generator import FakeGenerator
 from tests.test_chunk import _fake_run
@@ -111,6 +111,16 @@ def test_a_handed_back_chunk_is_queued_uncounted_under_its_token_only(any_db_url
     with sessions.begin() as session:
         assert not hand_back_chunk(session, run_id, 0, claim.token, "stale")
     assert _row(sessions, run_id, 0)[:2] == ("running", 1)
+    engine.dispose()
+
+
+def test_a_chunk_handed_back_after_its_run_was_cancelled_is_cancelled_not_queued(any_db_url: str) -> None:
+    engine, sessions, run_id = _setup(any_db_url)
+    claim = _claim(sessions, run_id, 0, "w1")
+    with sessions.begin() as session:
+        assert cancel_run(session, run_id) == 1  # chunk 1, queued; chunk 0 runs on
+        assert hand_back_chunk(session, run_id, 0, claim.token, "handed back")
+    assert _row(sessions, run_id, 0)[:2] == ("cancelled", 0)
     engine.dispose()
 
 
