@@ -11,7 +11,8 @@
     │   └── ModelLoadError     (also a FatalChunkError) a model or adapter does not load
     └── ChunkError             a chunk's failure, as the worker sees it
         ├── FatalChunkError    retrying would fail the same way: the chunk is failed now
-        └── RetryableChunkError  a passing fault (database, broker): tried again, no attempt used
+        ├── RetryableChunkError  a passing fault (database, broker): tried again, no attempt used
+        └── ChunkInterrupted   the worker is shutting down: the chunk is handed back, not failed
 
 Every message names the file, key, row or line, and says what to change.
 """
@@ -62,6 +63,11 @@ class FatalChunkError(ChunkError):
 
 class RetryableChunkError(ChunkError):
     """A passing fault (database, broker); the chunk is tried again."""
+
+
+class ChunkInterrupted(ChunkError):
+    """The worker was asked to stop (SIGTERM, SIGQUIT, Ctrl-C) while generating: the decode engine
+    stops at its next step and the chunk goes back to the queue, its attempt not counted."""
 
 
 class ModelLoadError(FatalChunkError, UserError):

@@ -237,6 +237,33 @@ def fail_chunk(session: Session, run_id: int, chunk_id: int, *, error: str, fina
     return True
 
 
+def hand_back_chunk(session: Session, run_id: int, chunk_id: int, token: int, note: str) -> bool:
+    """Give a claimed chunk back to the queue, uncounted: its worker is shutting down, not failing.
+
+    Under the claim's `token` (False, nothing written, once another claim holds the chunk): back to
+    `queued` (`queued_at` now, so the sweeps' reconciliation sends its message again if the caller's
+    send is lost), the lease released and its token moved on, the attempt this claim counted taken
+    back (`attempts` counts only attempts that could have failed), `note` as the chunk's error line.
+    Outputs already written stay. The caller sends the chunk's fresh message after commit (a chunk of
+    a run cancelled meanwhile is `cancelled` instead, as its queued chunks were: the message is skipped).
+    """
+    chunk = hold_lease(session, run_id, chunk_id, token)
+    if chunk is None:
+        return False
+    close_attempt(session, run_id, chunk_id, AttemptOutcome.HANDED_BACK, token=token, error=note)
+    run = session.get(Run, run_id)  # locked by hold_lease
+    cancelled = run is not None and run.status == RunStatus.CANCELLED
+    chunk.status = ChunkStatus.CANCELLED if cancelled else ChunkStatus.QUEUED
+    if cancelled:
+        chunk.finished_at = utcnow()
+    chunk.attempts = max(0, chunk.attempts - 1)
+    chunk.lease_token = token + 1
+    chunk.lease_expires_at = None
+    chunk.queued_at = db_now(session)
+    chunk.error = note[:MAX_ERROR_CHARS]
+    return True
+
+
 def _finish_chunk(session: Session, run: Run, chunk: Chunk, status: ChunkStatus, *, error: str | None) -> None:
     chunk.status = status
     chunk.finished_at = utcnow()

@@ -6,7 +6,9 @@ knows of it.
 out-of-memory killer would) on a chunk one of whose prompts contains the marker, after it has claimed
 the chunk and before generating it. With `LORA_COMPARE_FAULT_HOLD_FILE` set, a worker that has
 generated a chunk holds its rows, before writing them, for as long as that file exists (the silent-cut
-test cuts the database meanwhile). Without either, importing this module changes nothing.
+test cuts the database meanwhile). With `LORA_COMPARE_FAULT_SLOW_STEP_S` set, every decode step takes
+that many seconds longer (a slow model: the graceful-stop tests make a chunk last minutes). Without
+any of them, importing this module changes nothing.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 
 MARKER_ENV = "LORA_COMPARE_FAULT_CRASH_MARKER"
 HOLD_ENV = "LORA_COMPARE_FAULT_HOLD_FILE"
+SLOW_STEP_ENV = "LORA_COMPARE_FAULT_SLOW_STEP_S"
 
 log = logging.getLogger(__name__)
 
@@ -61,5 +64,28 @@ def install_hold(hold_file: str | None = os.environ.get(HOLD_ENV)) -> None:
     chunk.run_chunk = run_chunk  # type: ignore[assignment]
 
 
+def install_slow_step(seconds: str | None = os.environ.get(SLOW_STEP_ENV)) -> None:
+    """Wrap the decode loop's sampler (`worker.engine.scheduler.sample`, called once per step): sleep first."""
+    if not seconds:
+        return
+    import time
+
+    from worker.engine import scheduler
+
+    sample = scheduler.sample
+    said = False
+
+    def slow_sample(*args: Any, **kwargs: Any) -> Any:
+        nonlocal said
+        if not said:
+            log.error("fault injection: every decode step is %ss slower", seconds)
+            said = True
+        time.sleep(float(seconds))
+        return sample(*args, **kwargs)
+
+    scheduler.sample = slow_sample  # type: ignore[assignment]
+
+
 install()
 install_hold()
+install_slow_step()

@@ -2,6 +2,8 @@
 
 `process_chunk` commits the claim on its own first; from then on every path ends with the chunk done,
 failed (with the reason) or given back to the queue with its error: no exception leaves it claimed.
+A worker shutting down stops generating at the next decode step (`ChunkInterrupted`) and hands the
+chunk back: `queued` again, the attempt not counted, a fresh message sent (`hand_back`).
 The claim is a lease (db/leases.py) that a heartbeat renews while the chunk runs; every write carries
 the claim's token, and is refused when another worker has taken the chunk over meanwhile.
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from enum import Enum
 from typing import Any
@@ -19,10 +22,19 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session, sessionmaker
 
 from contract.config import RunConfig
-from contract.errors import ConfigError, FatalChunkError, RetryableChunkError
-from db.leases import hold_lease
+from contract.errors import ChunkInterrupted, ConfigError, FatalChunkError, RetryableChunkError
+from db.leases import RECONCILE_AFTER_S, hold_lease
 from db.outputs import CachedOutput, NewGeneration, cached_outputs, done_pairs, insert_generations
-from db.runs import ChunkClaim, chunk_examples, claim_chunk, complete_chunk, fail_chunk, get_run, run_variants
+from db.runs import (
+    ChunkClaim,
+    chunk_examples,
+    claim_chunk,
+    complete_chunk,
+    fail_chunk,
+    get_run,
+    hand_back_chunk,
+    run_variants,
+)
 
 from .lease import Heartbeat
 from .planner import (  # noqa: F401 - cache_key and CACHE_KEY_VERSION: their import path before the split
@@ -49,6 +61,7 @@ class Processed(str, Enum):
     RETRY = "retry"  # failed, counted, back in the queue: deliver the message again later
     FAILED = "failed"  # failed for good, the reason on the chunk
     REJECTED = "rejected"  # no such run: the message is dropped
+    HANDED_BACK = "handed_back"  # the worker is shutting down: the chunk is queued again, uncounted
 
     def __str__(self) -> str:
         return self.value
@@ -72,10 +85,13 @@ def process_chunk(
     *,
     worker: str,
     max_attempts: int,
+    send: Callable[[int, int, str | None], None] | None = None,
 ) -> Processed:
     """Claim, generate, write, mark done; returns what happened.
 
     Raises RetryableChunkError when the database is unreachable (the message should be retried).
+    `send(run_id, chunk_id, queue)`: sends a chunk's fresh message to its run's queue (None: the
+    default queue), for a chunk handed back at shutdown; without it the sweeps' reconciliation does.
     """
     try:
         with sessions.begin() as session:  # the claim is committed on its own, before anything can fail
@@ -90,6 +106,8 @@ def process_chunk(
     try:
         with Heartbeat(sessions, run_id, chunk_id, claim.token):
             return _process_claimed(sessions, host, claim, worker=worker, max_attempts=max_attempts)
+    except ChunkInterrupted:  # after the heartbeat stopped: it would take the hand-back for a takeover
+        return hand_back(sessions, claim, worker=worker, send=send)
     except RetryableChunkError:
         raise
     except _TRANSIENT_DB_ERRORS as err:
@@ -147,7 +165,7 @@ def _process_claimed(
             )
     except FatalChunkError as err:
         return _record_failure(sessions, run_id, chunk_id, str(err), final=True, token=claim.token)
-    except (RetryableChunkError, *_TRANSIENT_DB_ERRORS):
+    except (ChunkInterrupted, RetryableChunkError, *_TRANSIENT_DB_ERRORS):
         raise
     except Exception as err:  # noqa: BLE001 - any other fault: counted, then retried up to the bound
         log.exception("run %s chunk %s failed", run_id, chunk_id)
@@ -172,6 +190,35 @@ def _count_failure(sessions: sessionmaker[Session], claim: ChunkClaim, error: st
     final = claim.attempt >= max_attempts
     outcome = _record_failure(sessions, claim.run_id, claim.chunk_id, error, final=final, token=claim.token)
     return outcome if outcome is Processed.SKIPPED or final else Processed.RETRY
+
+
+def hand_back(sessions: sessionmaker[Session], claim: ChunkClaim, *, worker: str,
+              send: Callable[[int, int, str | None], None] | None) -> Processed:
+    """Give a chunk whose generation a shutdown stopped back to the queue at once (db.runs.hand_back_chunk:
+    `queued`, the attempt not counted), then send its fresh message. HANDED_BACK, even when the database
+    or the broker does not answer: then the lease expires and a sweep requeues the chunk (~35-45 s), or
+    the sweeps' reconciliation sends the lost message again (db/leases.py)."""
+    run_id, chunk_id = claim.run_id, claim.chunk_id
+    note = f"handed back by worker {worker} at shutdown (attempt not counted)"
+    try:
+        with sessions.begin() as session:
+            if not hand_back_chunk(session, run_id, chunk_id, claim.token, note):
+                return Processed.SKIPPED  # taken over meanwhile: the new holder finishes it
+            run = get_run(session, run_id)
+            queue = run.queue if run is not None else None
+    except _TRANSIENT_DB_ERRORS as err:
+        log.warning("run %s chunk %s: could not hand the chunk back (%s); its lease expires and a sweep "
+                    "requeues it", run_id, chunk_id, str(err).splitlines()[0])
+        return Processed.HANDED_BACK
+    log.warning("run %s chunk %s: %s", run_id, chunk_id, note)
+    if send is not None:
+        try:
+            send(run_id, chunk_id, queue)
+        except Exception as err:  # noqa: BLE001 - the broker is going away too: reconciliation re-sends it
+            log.warning("run %s chunk %s: its message could not be sent (%s); a sweep sends it again once "
+                        "the chunk has waited %ss", run_id, chunk_id, str(err).splitlines()[0] if str(err)
+                        else type(err).__name__, int(RECONCILE_AFTER_S))
+    return Processed.HANDED_BACK
 
 
 def refuse_chunk(sessions: sessionmaker[Session], run_id: int, chunk_id: int, reason: str, *,

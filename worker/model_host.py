@@ -95,9 +95,28 @@ class HostStats:
     resident_adapters: list[str] = field(default_factory=list)
 
 
+class StopFlag:
+    """Set when the worker is asked to stop; read by the decode loop once per step. A plain attribute,
+    not a `threading.Event`: it is set from a signal handler in the main thread, which must never wait
+    for a lock the thread it interrupted may hold."""
+
+    def __init__(self) -> None:
+        self._set = False
+
+    def set(self) -> None:
+        self._set = True
+
+    def clear(self) -> None:
+        self._set = False
+
+    def is_set(self) -> bool:
+        return self._set
+
+
 class ModelHost:
     """Holds the base model, its tokenizer and resident adapters for one device; the chunk planner's
-    generator (`worker.planner.ChunkGenerator`)."""
+    generator (`worker.planner.ChunkGenerator`). Once `stopping` is set, generation raises
+    `ChunkInterrupted` at its next decode step (the worker is shutting down)."""
 
     def __init__(self, settings: Settings, *, device: str | None = None, max_adapters: int = DEFAULT_MAX_ADAPTERS):
         self.settings = settings
@@ -111,6 +130,7 @@ class ModelHost:
         self._adapters: OrderedDict[str, str] = OrderedDict()  # adapter hash -> PEFT adapter name
         self.base_hash: str = ""
         self.identity: ModelIdentity | None = None
+        self.stopping = StopFlag()
 
     # --- base model ---------------------------------------------------------------------------
 
@@ -270,11 +290,12 @@ class ModelHost:
         notes: list[str] = []
         if inference.use_peft_directly:
             results = generate_mixed(self.model, self.tokenizer, rows, gen, batch_size=inference.batch_size,
-                                     device=self.device, variants=variants, options=options, notes=notes)
+                                     device=self.device, variants=variants, options=options, notes=notes,
+                                     stop=self.stopping.is_set)
         else:
             results = generate_separate(self.peft_model, self.tokenizer, rows, gen, batch_size=inference.batch_size,
                                         device=self.device, layers_of=self.adapted_layers, options=options,
-                                        notes=notes)
+                                        notes=notes, stop=self.stopping.is_set)
         return results, notes
 
     def device_name(self) -> str:

@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 
 from celery import Celery
 from celery.contrib.testing.worker import start_worker
-from celery.signals import task_postrun
+from celery.signals import task_postrun, worker_shutting_down
 from sqlalchemy.orm import Session, sessionmaker
 
 from contract.queue import (
@@ -27,7 +27,8 @@ from db.runs import chunk_ids
 from .app import create_app
 from .lease import Sweeper
 from .model_host import DEFAULT_MAX_ADAPTERS, ModelHost
-from .tasks import WorkerContext, configure, default_worker_name
+from .solo import SoloPool
+from .tasks import WorkerContext, configure, default_worker_name, request_stop
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,12 @@ POLL_S = 0.5
 MEMORY_POLL_S = 0.01
 #: The no-op task that wakes the embedded worker's consumer loop when the run is over.
 WAKE_TASK = "lora_compare.wake"
+
+
+def _shutting_down(sender: object = None, **_: object) -> None:
+    """Celery's `worker_shutting_down`, sent from its SIGTERM, SIGINT and SIGQUIT handlers: the chunk in
+    progress stops at its next decode step and is handed back, so the worker exits in seconds."""
+    request_stop()
 
 
 def run_embedded(
@@ -55,6 +62,7 @@ def run_embedded(
     # kombu's in-memory queue is polled (1 s by default): poll it often, it is only a deque.
     app.conf.broker_transport_options = {**app.conf.broker_transport_options, "polling_interval": MEMORY_POLL_S}
     app.task(name=WAKE_TASK)(_wake)
+    host.stopping.clear()
     configure(WorkerContext(sessions=sessions, host=host, name=f"embedded:{default_worker_name()}"))
     finished = threading.Event()
 
@@ -64,7 +72,7 @@ def run_embedded(
 
     task_postrun.connect(chunk_ended, weak=False)
     try:
-        with start_worker(app, pool="solo", concurrency=1, perform_ping_check=False, shutdown_timeout=600,
+        with start_worker(app, pool=SoloPool, concurrency=1, perform_ping_check=False, shutdown_timeout=600,
                           loglevel="WARNING", queues=[DEFAULT_QUEUE]):
             with sessions.begin() as session:
                 queued = chunk_ids(session, run_id, [ChunkStatus.QUEUED])
@@ -80,6 +88,9 @@ def run_embedded(
                         return progress
                     finished.wait(POLL_S)  # a chunk's end wakes us at once
                     finished.clear()
+            except KeyboardInterrupt:  # Ctrl-C: the chunk in progress is handed back at its next step
+                host.stopping.set()
+                raise
             finally:
                 _stop_soon(app)
     finally:
@@ -115,7 +126,9 @@ def serve(
 ) -> None:
     """A long-lived worker: one process, solo pool (CUDA is not fork-safe), the model resident.
 
-    Beside it, a sweeper thread requeues chunks whose worker died (their lease expired: db/leases.py)."""
+    Beside it, a sweeper thread requeues chunks whose worker died (their lease expired: db/leases.py).
+    On SIGTERM, SIGINT or SIGQUIT the chunk in progress stops at its next decode step and is handed
+    back to the queue, uncounted, and the worker exits (warm shutdown: exit code 0; cold: 1)."""
     from celery.utils.nodenames import default_nodename, host_format
 
     nodename = host_format(default_nodename(hostname))
@@ -123,10 +136,12 @@ def serve(
     configure(WorkerContext(sessions=sessions, host=host, name=nodename, max_attempts=max_attempts))
     app = create_app(settings.broker_url, visibility_timeout_s=visibility_timeout_s)
     log.info("worker %s on %s, queues %s", nodename, host.device, ",".join(queues))
-    worker = app.Worker(pool="solo", concurrency=1, queues=list(queues), hostname=nodename, loglevel=loglevel,
+    worker = app.Worker(pool=SoloPool, concurrency=1, queues=list(queues), hostname=nodename, loglevel=loglevel,
                         without_gossip=True, without_mingle=True)
     sweeper = Sweeper(sessions, make_client(settings.broker_url)).start()
+    worker_shutting_down.connect(_shutting_down, weak=False)
     try:
         worker.start()
     finally:
+        worker_shutting_down.disconnect(_shutting_down)
         sweeper.stop()

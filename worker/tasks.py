@@ -1,7 +1,8 @@
 """The chunk task: a thin shell over `worker.chunk.process_chunk`.
 
 The worker's resources (session factory, model host) are built once per process by `configure`
-(at worker start, after any fork) and read back by every task.
+(at worker start, after any fork) and read back by every task. `request_stop` asks the chunk in
+progress to stop at its next decode step and hand itself back (the worker is shutting down).
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from celery import Celery, Task
+from celery.exceptions import Reject
 from sqlalchemy.orm import Session, sessionmaker
 
 from contract.errors import RetryableChunkError
-from contract.queue import DEFAULT_MAX_ATTEMPTS, MESSAGE_VERSION, TASK_NAME
+from contract.queue import DEFAULT_MAX_ATTEMPTS, DEFAULT_QUEUE, MESSAGE_VERSION, TASK_NAME, enqueue_chunks
+from db.enums import EMBEDDED_QUEUE
 
 from .chunk import Processed, process_chunk, refuse_chunk
 from .model_host import ModelHost
@@ -48,6 +51,13 @@ def configure(context: WorkerContext) -> None:
     _context = context
 
 
+def request_stop() -> None:
+    """The worker is shutting down: the chunk in progress stops at its next decode step and is handed
+    back (`worker.chunk.hand_back`). Safe in a signal handler: it only sets a flag."""
+    if _context is not None:
+        _context.host.stopping.set()
+
+
 def current_context() -> WorkerContext:
     if _context is None:
         raise RuntimeError("the worker is not configured: call worker.tasks.configure() at start")
@@ -73,9 +83,12 @@ def run_chunk_task(self: Task, *args: Any, **kwargs: Any) -> str:
         log.error("run %s chunk %s: %s", run_id, chunk_id, reason)
         refuse_chunk(ctx.sessions, run_id, chunk_id, reason, worker=ctx.name)
         return Processed.FAILED.value
+    if ctx.host.stopping.is_set():  # a message delivered while the worker shuts down: left to another worker
+        raise Reject("the worker is shutting down", requeue=True)
     try:
         outcome = process_chunk(
             ctx.sessions, ctx.host, run_id, chunk_id, worker=ctx.name, max_attempts=ctx.max_attempts,
+            send=lambda run, chunk, queue: _send_again(self.app, run, chunk, queue),
         )
     except RetryableChunkError as err:
         log.warning("run %s chunk %s: %s; retrying in %ss", run_id, chunk_id, err, RETRY_DELAY_S)
@@ -83,6 +96,13 @@ def run_chunk_task(self: Task, *args: Any, **kwargs: Any) -> str:
     if outcome is Processed.RETRY:
         raise self.retry(countdown=RETRY_DELAY_S, max_retries=None)
     return outcome.value
+
+
+def _send_again(app: Celery, run_id: int, chunk_id: int, queue: str | None) -> None:
+    """A handed-back chunk's fresh message, on its run's queue. Not for a run generated in-process
+    (embedded mode): `lora-compare retry RUN --here` resumes it from SQL."""
+    if queue != EMBEDDED_QUEUE:
+        enqueue_chunks(app, run_id, [chunk_id], queue=queue or DEFAULT_QUEUE)
 
 
 def _is_id(value: Any) -> bool:

@@ -84,7 +84,8 @@ class Batching:
     `batch_size`: prompts in flight (mixed: each with all its `variants`, default the distinct
     adapters among the rows); `options`: the decode options (their capacity is set from these);
     `notes` collects the exact fallbacks taken instead of a fast path (see `fidelity`);
-    `layers_of(adapter)`: the LoRA layers an adapter changes (merged passes only).
+    `layers_of(adapter)`: the LoRA layers an adapter changes (merged passes only); `stop()`: asked
+    once per decode step whether to stop (true: `ChunkInterrupted` is raised, see `DecodeRequest`).
     """
 
     batch_size: int
@@ -93,6 +94,7 @@ class Batching:
     options: DecodeOptions | None = None
     notes: list[str] | None = None
     layers_of: Callable[[str], Sequence[Any]] | None = None
+    stop: Callable[[], bool] | None = None
 
     def decode_options(self, capacity: int) -> DecodeOptions:
         if self.options is None:
@@ -116,7 +118,7 @@ def _generate(model: Any, tokenizer: PreTrainedTokenizerBase, rows: Sequence[Gen
     for note in plan.notes:
         log.warning("exact fallback: %s", note)
         how.note(note)
-    request = DecodeRequest(gen, ends, tokenizer.pad_token_id, how.device, tokenizer)
+    request = DecodeRequest(gen, ends, tokenizer.pad_token_id, how.device, tokenizer, stop=how.stop)
     new = decode_rows(model, prompts, request, options=chosen, adapter_names=names, plan=plan)
     return [finish(tokenizer, row, eos_ids=ends, stop=gen.stop) for row in new]
 
@@ -126,7 +128,7 @@ def generate_mixed(model: Any, tokenizer: PreTrainedTokenizerBase, rows: Sequenc
     """All rows, base and adapters together: up to `batch_size` prompts' worth of rows, each prompt
     with all its `variants` (default: the distinct adapters among `rows`), in the batch at once. A
     run whose base rows come from the cache thus still fills the batch with adapter rows.
-    `batching`: the fields of `Batching` (batch_size, device, variants, options, notes)."""
+    `batching`: the fields of `Batching` (batch_size, device, variants, options, notes, stop)."""
     how = Batching(**batching)
     how = replace(how, variants=how.variants or len({r.adapter for r in rows}) or 1)
     assert how.variants is not None
@@ -174,7 +176,7 @@ def merged(peft_model: Any, layers: Sequence[Any], adapter: str) -> Iterator[str
 def generate_separate(peft_model: Any, tokenizer: PreTrainedTokenizerBase, rows: Sequence[GenRow],
                       gen: GenerationConfig, **batching: Any) -> list[GenResult]:
     """One pass per variant: base with adapters disabled, then each adapter merged in turn.
-    `batching`: the fields of `Batching` (batch_size, device, layers_of, options, notes);
+    `batching`: the fields of `Batching` (batch_size, device, layers_of, options, notes, stop);
     `layers_of(adapter)` gives the LoRA layers an adapter changes."""
     how = replace(Batching(**batching), variants=None)
     assert how.layers_of is not None, "merged passes need layers_of"

@@ -9,7 +9,7 @@ base model, `set_adapter` for an adapter. Tokens are cut where the engine cuts t
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -51,10 +51,24 @@ def generate_one(model: Any, ids: Sequence[int], request: DecodeRequest) -> Plai
         pad_token_id=request.pad_id, output_logits=True, return_dict_in_generate=True,
     )
     inputs = torch.tensor([list(ids)], dtype=torch.long, device=request.device)  # [1, prompt]
-    out = model.generate(input_ids=inputs, attention_mask=torch.ones_like(inputs), generation_config=settings)
+    extra = {"stopping_criteria": _stopping(request.stop)} if request.stop is not None else {}
+    out = model.generate(input_ids=inputs, attention_mask=torch.ones_like(inputs), generation_config=settings,
+                         **extra)
+    request.check_stop()  # ended by a shutdown, not by the row's own end: nothing of it is kept
     new = out.sequences[0, len(ids):].tolist()
     tokens = request.cut(new)
     return PlainRow(tokens, [step[0] for step in out.logits[:len(tokens)]])
+
+
+def _stopping(stop: Callable[[], bool]) -> Any:
+    """transformers' stopping criteria that end `generate` at the step where `stop()` turns true."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class _Stop(StoppingCriteria):
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+            return torch.full((input_ids.shape[0],), stop(), dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([_Stop()])
 
 
 def generate_plain(model: Any, prompts: Sequence[Sequence[int]], request: DecodeRequest,
@@ -67,5 +81,6 @@ def generate_plain(model: Any, prompts: Sequence[Sequence[int]], request: Decode
     for name, rows in groups.items():
         with variant(model, name):
             for i in rows:
+                request.check_stop()
                 tokens[i] = generate_one(model, prompts[i], request).tokens
     return tokens

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence, Set
+from collections.abc import Callable, Sequence, Set
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from contract.config import GenerationConfig
+from contract.errors import ChunkInterrupted
 
 from .sampling import SamplingParams
 
@@ -27,7 +28,8 @@ def ends_in_stop(tokenizer: Any, tokens: Sequence[int], stop: Sequence[str]) -> 
 @dataclass(frozen=True)
 class DecodeRequest:
     """The settings every row of a decode call shares: how tokens are chosen (`gen`), which tokens end
-    a row, the padding token, the device, and the tokenizer (for stop strings).
+    a row, the padding token, the device, the tokenizer (for stop strings), and `stop`: asked once
+    per decode step whether the worker is shutting down (a Python flag, no device sync).
 
     Invariants: a row ends right after the token that is in `eos_ids`, reaches `gen.max_new_tokens`,
     or completes a stop string (its text, decoded by `tokenizer`, then holds one), and that token is
@@ -39,6 +41,7 @@ class DecodeRequest:
     pad_id: int
     device: torch.device
     tokenizer: Any = None
+    stop: Callable[[], bool] | None = None
 
     def __post_init__(self) -> None:
         if self.gen.stop and self.tokenizer is None:
@@ -47,6 +50,11 @@ class DecodeRequest:
     @property
     def sampling(self) -> SamplingParams:
         return SamplingParams.from_config(self.gen)
+
+    def check_stop(self) -> None:
+        """Raise ChunkInterrupted when `stop` says the worker is shutting down (checked every step)."""
+        if self.stop is not None and self.stop():
+            raise ChunkInterrupted("the worker is shutting down: generation stopped")
 
     def finished(self, tokens: Sequence[int]) -> bool:
         """Whether a row whose new tokens are `tokens` (at least one) ends here."""

@@ -13,7 +13,9 @@ What it does that `transformers.generate` over fixed batches does not (each can 
 - logits for the last position only: the prefill never builds a [rows, tokens, vocab] tensor;
 - on CPU, the output projection runs on a multiple of 8 rows (`cpu_head`);
 - one host-device sync per decode step: the sampled tokens, read back once (`tolist`); the next
-  step's input is taken from them on the device, and which rows remain is known on the host.
+  step's input is taken from them on the device, and which rows remain is known on the host;
+- a shutdown stops it at the next step: `DecodeRequest.check_stop` reads a Python flag and raises
+  `ChunkInterrupted` (what was generated is dropped; the chunk goes back to the queue).
 
 Base and adapter rows share the batch (each adapter's rows one contiguous range, routed by
 `lora_routing`, or PEFT's `adapter_names`), or run one pass per variant where no batch can mix them,
@@ -74,6 +76,7 @@ def _stream(call: DecodeCall) -> list[list[int]]:
     threshold = max(1, int(capacity * options.refill_fraction)) if options.refill else capacity
     batch: Batch | None = None
     while waiting or batch is not None:
+        call.request.check_stop()  # once per step: a Python flag, no device sync
         free = capacity - (len(batch) if batch is not None else 0)
         if waiting and (batch is None or free >= min(threshold, len(waiting))):
             admitted, waiting = waiting[:free], waiting[free:]
