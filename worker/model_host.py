@@ -26,7 +26,7 @@ from transformers.utils import logging as hf_logging
 from contract.artifacts import files_sha256, inspect_adapter
 from contract.config import DatasetConfig, GenerationConfig, InferenceConfig, ModelConfig
 from contract.errors import AdapterError, ModelLoadError
-from contract.settings import Settings
+from contract.settings import DEFAULT_MAX_ADAPTERS, Settings
 
 from .demo_model import prepare_demo_model
 from .engine import lora_routing
@@ -38,8 +38,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: Adapters kept resident at most; the least recently used one is unloaded beyond this.
-DEFAULT_MAX_ADAPTERS = 32
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

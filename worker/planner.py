@@ -24,7 +24,7 @@ from contract.errors import FatalChunkError
 from contract.scoring import score
 from db.enums import FinishReason
 
-from .engine.generation import GenResult, GenRow
+from .generated import GenResult, GenRow
 
 if TYPE_CHECKING:
     from .engine.call import DecodeOptions

@@ -19,7 +19,7 @@ from contract.errors import RetryableChunkError
 from contract.queue import DEFAULT_MAX_ATTEMPTS, MESSAGE_VERSION, TASK_NAME
 
 from .chunk import Processed, process_chunk, refuse_chunk
-from .model_host import ModelHost
+from .planner import ChunkGenerator
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ RETRY_DELAY_S = 5
 @dataclass
 class WorkerContext:
     sessions: sessionmaker[Session]
-    host: ModelHost
+    host: ChunkGenerator  # the resident model (`worker.model_host.ModelHost`)
     name: str
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
 

@@ -1,0 +1,23 @@
+"""What the decode engine is given and gives back: plain records, free of any model library, so the chunk
+path (`worker.planner`, `worker.chunk`, `worker.tasks`) imports without torch. `worker.engine.generation`
+re-exports them (their import path before they moved here)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class GenRow:
+    """One row to generate: a tokenized prompt through one adapter (None: the base model)."""
+
+    input_ids: tuple[int, ...]
+    adapter: str | None
+
+
+@dataclass(frozen=True)
+class GenResult:
+    text: str
+    output_tokens: int
+    finish_reason: str  # a FinishReason: eos | stop | length (or, never generated, empty_prompt | prompt_too_long)
+    token_ids: tuple[int, ...] | None = None  # every generated token, EOS included when hit; None: not known
