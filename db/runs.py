@@ -184,15 +184,20 @@ def claim_chunk(
 
 def complete_chunk(session: Session, run_id: int, chunk_id: int, *, generate_seconds: float | None,
                    device: str | None = None, dtype: str | None = None, engine: str | None = None,
-                   token: int | None = None) -> bool:
+                   token: int | None = None, held: Chunk | None = None) -> bool:
     """Mark a chunk done, with where it ran (`device`, `dtype`) and any exact fallback it took (`engine`).
 
     With `token` (a claim's), refused (False, nothing written) unless that token still holds the lease.
+    `held`: the chunk as `hold_lease` returned it earlier in this transaction (run and chunk locked and
+    read fresh then, so neither is read again).
     """
-    if token is not None and hold_lease(session, run_id, chunk_id, token) is None:
-        return False
-    run = _lock_run(session, run_id)
-    chunk = session.get(Chunk, (run_id, chunk_id), with_for_update=True, populate_existing=True)
+    if held is not None:
+        run, chunk = session.get(Run, run_id), held
+    else:
+        if token is not None and hold_lease(session, run_id, chunk_id, token) is None:
+            return False
+        run = _lock_run(session, run_id)
+        chunk = session.get(Chunk, (run_id, chunk_id), with_for_update=True, populate_existing=True)
     if run is None or chunk is None:
         return False
     chunk.lease_expires_at = None

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from enum import Enum
 from typing import Any
 
@@ -192,12 +192,12 @@ def _write_outputs(
     while True:
         try:
             with sessions.begin() as session:
-                if hold_lease(session, run_id, chunk_id, claim.token) is None:
+                held = hold_lease(session, run_id, chunk_id, claim.token)
+                if held is None:
                     return False
                 insert_generations(session, rows)
                 complete_chunk(session, run_id, chunk_id, generate_seconds=outcome.generate_seconds,
-                               device=outcome.device, dtype=outcome.dtype, engine=outcome.engine,
-                               token=claim.token)
+                               device=outcome.device, dtype=outcome.dtype, engine=outcome.engine, held=held)
             return True
         except _TRANSIENT_DB_ERRORS as err:
             if time.monotonic() + delay > deadline:
@@ -221,6 +221,8 @@ def _lookup(sessions: sessionmaker[Session], keys: list[str]) -> dict[str, Reusa
 
 # The two places that know the shapes of db.outputs' records.
 
+_RECORD_FIELDS = tuple(f.name for f in fields(OutputRecord))
+
 def _reusable(hit: CachedOutput) -> Reusable:
     """The planner's view of db.outputs.cached_outputs' record of an earlier output."""
     ids = hit.output_ids
@@ -228,8 +230,10 @@ def _reusable(hit: CachedOutput) -> Reusable:
 
 
 def _row(run_id: int, chunk_id: int, worker: str, record: OutputRecord) -> NewGeneration:
-    """db.outputs.insert_generations' row for one output record."""
-    return NewGeneration(run_id=run_id, chunk_id=chunk_id, worker=worker, **asdict(record))
+    """db.outputs.insert_generations' row for one output record (its fields as they are: `asdict` would
+    deep-copy every row's token ids, a fifth of a chunk's write path)."""
+    return NewGeneration(run_id=run_id, chunk_id=chunk_id, worker=worker,
+                         **{name: getattr(record, name) for name in _RECORD_FIELDS})
 
 
 def _record_failure(sessions: sessionmaker[Session], run_id: int, chunk_id: int, error: str, *, final: bool,
