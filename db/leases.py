@@ -108,8 +108,9 @@ def takeover_note(chunk: Chunk, worker: str, now: datetime) -> str:
 def hold_lease(session: Session, run_id: int, chunk_id: int, token: int) -> Chunk | None:
     """Lock the run, then the chunk; the chunk when `token` still holds its lease, else None (logged).
 
-    Call it first in the transaction that writes a holder's outputs or state: the locks last until
-    commit, so no new claim can slip in between the check and the writes.
+    Call it in the transaction that writes a holder's outputs or state, before it commits (and before
+    any write of the run's or the chunk's state): the locks last until commit, so no new claim can slip
+    in between the check and the commit. Rows inserted earlier in the transaction are unseen until then.
     """
     lock_run(session, run_id)
     chunk = session.get(Chunk, (run_id, chunk_id), with_for_update=True, populate_existing=True)

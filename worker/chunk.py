@@ -179,26 +179,35 @@ def refuse_chunk(sessions: sessionmaker[Session], run_id: int, chunk_id: int, re
     _record_failure(sessions, run_id, chunk_id, reason, final=True)
 
 
+class _LeaseLost(Exception):
+    """The claim's lease moved on before its outputs committed: the transaction is rolled back."""
+
+
 def _write_outputs(
     sessions: sessionmaker[Session], claim: ChunkClaim, rows: list[NewGeneration], outcome: ChunkOutcome
 ) -> bool:
     """Write the chunk's outputs and mark it done, retrying while the database is unreachable.
 
-    False, with nothing written, when the claim's lease has moved on: the lease is checked and the chunk
-    locked first in the same transaction, so a stale writer's rows cannot land after a new claim."""
+    False, with nothing written, when the claim's lease has moved on. The rows go in first, unseen until
+    the commit; then the lease is checked with the run and the chunk locked until that commit (a lost
+    lease rolls the rows back), so a stale writer's rows cannot land after a new claim. Inserting before
+    taking the run's lock keeps the lock for the few statements that need it: every claim and every
+    completion of the run waits for it, the insert of a thousand rows need not."""
     run_id, chunk_id = claim.run_id, claim.chunk_id
     deadline = time.monotonic() + WRITE_RETRY_BUDGET_S
     delay = 0.5
     while True:
         try:
             with sessions.begin() as session:
+                insert_generations(session, rows)
                 held = hold_lease(session, run_id, chunk_id, claim.token)
                 if held is None:
-                    return False
-                insert_generations(session, rows)
+                    raise _LeaseLost
                 complete_chunk(session, run_id, chunk_id, generate_seconds=outcome.generate_seconds,
                                device=outcome.device, dtype=outcome.dtype, engine=outcome.engine, held=held)
             return True
+        except _LeaseLost:
+            return False
         except _TRANSIENT_DB_ERRORS as err:
             if time.monotonic() + delay > deadline:
                 raise RetryableChunkError(f"database unreachable while writing outputs: {err}") from err
