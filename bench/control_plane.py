@@ -239,7 +239,8 @@ class Point:
     retried: int = 0
     status: str = ""
     cpu: dict[str, float] = field(default_factory=dict)
-    phases_ms: dict[str, float] = field(default_factory=dict)
+    phases_ms: dict[str, float] = field(default_factory=dict)  # wall
+    phases_cpu_ms: dict[str, float] = field(default_factory=dict)  # the worker's main thread's CPU
     busy: float = 0.0
     rss_mib: float = 0.0
     pg_connections: int = 0
@@ -365,8 +366,7 @@ class Bench:
         after = self._cpu()
         thread.join()
         point = self._read(run_id, workers, status)
-        point.cpu = {k: (after[k] - before[k]) / (after["wall"] - before["wall"]) / os.cpu_count()  # type: ignore[operator]
-                     for k in after if k != "wall"}
+        point.cpu = {k: after[k] - before[k] for k in after}  # CPU seconds (and "wall": seconds) in the window
         point.rss_mib = sum(rss_mib(p.pid) for p in self.workers[:workers]) / workers
         return point
 
@@ -411,17 +411,20 @@ class Bench:
                     records.append(record)
         if not records:
             return
-        sums = {k: sum(r.get(k, 0.0) for r in records) for k in ("total", "read", "lookup", "planner", "gen", "write")}
         n = len(records)
-        point.phases_ms = {
-            "claim": 1000 * (sums["total"] - sums["read"] - sums["planner"] - sums["write"]) / n,
-            "read": 1000 * sums["read"] / n,
-            "lookup": 1000 * sums["lookup"] / n,
-            "planner": 1000 * (sums["planner"] - sums["lookup"] - sums["gen"]) / n,
-            "gen": 1000 * sums["gen"] / n,
-            "write": 1000 * sums["write"] / n,
-            "total": 1000 * sums["total"] / n,
-        }
+        for suffix, target in (("", point.phases_ms), ("_cpu", point.phases_cpu_ms)):
+            sums = {k: sum(r.get(k + suffix, 0.0) for r in records)
+                    for k in ("total", "read", "lookup", "planner", "gen", "write")}
+            target.update({
+                "claim": 1000 * (sums["total"] - sums["read"] - sums["planner"] - sums["write"]) / n,
+                "read": 1000 * sums["read"] / n,
+                "lookup": 1000 * sums["lookup"] / n,
+                "planner": 1000 * (sums["planner"] - sums["lookup"] - sums["gen"]) / n,
+                "gen": 1000 * sums["gen"] / n,
+                "write": 1000 * sums["write"] / n,
+                "total": 1000 * sums["total"] / n,
+            })
+        sums = {"total": sum(r["total"] for r in records)}
         point.busy = sums["total"] / (point.workers * (end - start)) if end > start else 0.0
 
 
@@ -439,20 +442,31 @@ def print_table(points: list[Point], args: argparse.Namespace, shape: str) -> No
     for p in points:
         print(f"{p.workers:>7} {p.chunks:>6} {p.rows:>8} {p.window_s:>8.1f} {p.chunks_min:>10.0f} {p.rows_s:>8.0f} "
               f"{p.steady_chunks_min:>10.0f} {p.steady_rows_s:>10.0f} {p.retried:>7} {p.status:>9}")
-    print("\nwhere the time goes: ms per chunk in each worker, and the share of the workers' wall time spent in chunks")
+    print("\nwhere the time goes: ms per chunk in each worker (wall; then the worker's CPU in it), and the share")
+    print("of the workers' wall time spent in chunks (the rest: waiting for a message, Celery, the broker)")
     print(f"{'workers':>7} " + " ".join(f"{k:>8}" for k in (*PHASES, "total")) + f" {'busy':>6} {'idle':>6}")
     for p in points:
-        ms = p.phases_ms
-        print(f"{p.workers:>7} " + " ".join(f"{ms.get(k, 0.0):>8.1f}" for k in (*PHASES, "total"))
-              + f" {100 * p.busy:>5.0f}% {100 * (1 - p.busy):>5.0f}%")
-    print("\nCPU over the window, as a share of the machine's cores; RSS per worker; database connections")
-    print(f"{'workers':>7} {'workers%':>8} {'postgres%':>9} {'redis%':>7} {'other%':>7} {'idle%':>6} "
-          f"{'RSS MiB':>8} {'pg conns':>8}")
+        for label, ms in (("wall", p.phases_ms), ("cpu", p.phases_cpu_ms)):
+            line = f"{p.workers if label == 'wall' else '':>7} " + " ".join(f"{ms.get(k, 0.0):>8.1f}"
+                                                                             for k in (*PHASES, "total"))
+            line += f" {100 * p.busy:>5.0f}% {100 * (1 - p.busy):>5.0f}%" if label == "wall" else "  (CPU)"
+            print(line)
+    print("\nCPU over the window: share of the machine's cores, then CPU ms per chunk (capacity: the chunks/min")
+    print("that CPU would allow on all cores of an otherwise idle machine); RSS per worker; database connections")
+    print(f"{'workers':>7} {'workers%':>8} {'postgres%':>9} {'redis%':>7} {'other%':>7} {'idle%':>6}   "
+          f"{'cpu ms/chunk: workers':>21} {'postgres':>8} {'redis':>6} {'capacity/min':>12} {'RSS MiB':>8} "
+          f"{'pg conns':>8}")
+    cores = os.cpu_count() or 1
     for p in points:
-        c = p.cpu
-        other = c.get("machine", 0) - c.get("workers", 0) - c.get("postgres", 0) - c.get("redis", 0)
-        print(f"{p.workers:>7} {100 * c.get('workers', 0):>8.0f} {100 * c.get('postgres', 0):>9.0f} "
-              f"{100 * c.get('redis', 0):>7.0f} {100 * other:>7.0f} {100 * (1 - c.get('machine', 0)):>6.0f} "
+        c, wall = p.cpu, max(p.cpu.get("wall", 0.0), 1e-9)
+        share = {k: c.get(k, 0.0) / wall / cores for k in ("machine", "workers", "postgres", "redis")}
+        other = share["machine"] - share["workers"] - share["postgres"] - share["redis"]
+        per = {k: 1000 * c.get(k, 0.0) / max(p.chunks, 1) for k in ("workers", "postgres", "redis")}
+        used = sum(per.values())
+        capacity = 60_000 * cores / used if used else 0.0
+        print(f"{p.workers:>7} {100 * share['workers']:>8.0f} {100 * share['postgres']:>9.0f} "
+              f"{100 * share['redis']:>7.0f} {100 * other:>7.0f} {100 * (1 - share['machine']):>6.0f}   "
+              f"{per['workers']:>21.1f} {per['postgres']:>8.1f} {per['redis']:>6.1f} {capacity:>12.0f} "
               f"{p.rss_mib:>8.0f} {p.pg_connections:>8}")
 
 

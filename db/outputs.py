@@ -119,7 +119,6 @@ _PG_INSERT = text(
     f"FROM json_to_recordset(CAST(:rows AS json)) AS given({', '.join(f'{c} {t}' for c, t in _PG_COLUMNS.items())}) "
     f"ON CONFLICT ({', '.join(_UNIQUE)}) DO NOTHING RETURNING id"
 )
-_ROW_FIELDS = tuple(f.name for f in fields(NewGeneration) if f.name != "output_ids")
 
 
 def _insert_pg(session: Session, rows: Sequence[NewGeneration]) -> int:
@@ -128,8 +127,8 @@ def _insert_pg(session: Session, rows: Sequence[NewGeneration]) -> int:
     placeholders that the driver parsed anew every time (and one array per column costs the driver
     twice the CPU of one JSON text). The stored values are the ones the ORM's executemany wrote: the
     same JSON text for `output_ids` (`json.dumps`, JSON `null` for None), `created_at` from `utcnow`."""
-    payload = [{**{name: getattr(row, name) for name in _ROW_FIELDS}, "output_ids": json.dumps(row.output_ids),
-                "created_at": utcnow().isoformat()} for row in rows]
+    payload = [{**row.__dict__, "output_ids": json.dumps(row.output_ids), "created_at": utcnow().isoformat()}
+               for row in rows]  # a NewGeneration's __dict__ holds exactly its fields
     return len(session.connection().execute(_PG_INSERT, {"rows": json.dumps(payload, ensure_ascii=False)}).all())
 
 
