@@ -107,15 +107,17 @@ def _values(row: NewGeneration) -> dict[str, Any]:
     return {f.name: getattr(row, f.name) for f in fields(NewGeneration)}  # shallow: no copy of output_ids
 
 
-#: Each column `_insert_pg` writes, with its PostgreSQL type; `output_ids` travels as JSON text.
+#: Each column `_insert_pg` writes, with its type in the JSON rows (`output_ids`: the JSON value itself).
 _PG_COLUMNS = {"run_id": "integer", "example_idx": "integer", "variant": "varchar", "chunk_id": "integer",
                "output": "text", "prediction": "text", "correct": "boolean", "prompt_tokens": "integer",
                "output_tokens": "integer", "finish_reason": "varchar", "base_model_hash": "varchar",
                "adapter_hash": "varchar", "worker": "varchar", "cache_key": "varchar", "reused_from": "integer",
-               "output_ids": "text", "created_at": "timestamptz"}
+               "output_ids": "json", "created_at": "timestamptz"}
+#: A None `output_ids` was stored as JSON `null` (the JSON type's default), which a JSON row's null is not.
+_PG_SELECT = {"output_ids": "coalesce(output_ids, 'null'::json)"}
 _PG_INSERT = text(
     f"INSERT INTO generations ({', '.join(_PG_COLUMNS)}) "
-    f"SELECT {', '.join('output_ids::json' if c == 'output_ids' else c for c in _PG_COLUMNS)} "
+    f"SELECT {', '.join(_PG_SELECT.get(c, c) for c in _PG_COLUMNS)} "
     f"FROM json_to_recordset(CAST(:rows AS json)) AS given({', '.join(f'{c} {t}' for c, t in _PG_COLUMNS.items())}) "
     f"ON CONFLICT ({', '.join(_UNIQUE)}) DO NOTHING RETURNING id"
 )
@@ -126,9 +128,9 @@ def _insert_pg(session: Session, rows: Sequence[NewGeneration]) -> int:
     round trip and a short statement, where an executemany of 1,000 rows built a statement with 17,000
     placeholders that the driver parsed anew every time (and one array per column costs the driver
     twice the CPU of one JSON text). The stored values are the ones the ORM's executemany wrote: the
-    same JSON text for `output_ids` (`json.dumps`, JSON `null` for None), `created_at` from `utcnow`."""
-    payload = [{**row.__dict__, "output_ids": json.dumps(row.output_ids), "created_at": utcnow().isoformat()}
-               for row in rows]  # a NewGeneration's __dict__ holds exactly its fields
+    same JSON text for `output_ids` (PostgreSQL keeps a json value's text as `json.dumps` wrote it, JSON
+    `null` for None), `created_at` from `utcnow` (tests/test_write_path.py compares them)."""
+    payload = [{**row.__dict__, "created_at": utcnow().isoformat()} for row in rows]  # __dict__: exactly its fields
     return len(session.connection().execute(_PG_INSERT, {"rows": json.dumps(payload, ensure_ascii=False)}).all())
 
 

@@ -127,9 +127,12 @@ def run_variants(session: Session, run_id: int) -> list[Variant]:
     return list(session.scalars(select(Variant).where(Variant.run_id == run_id).order_by(Variant.position)))
 
 
-def chunk_examples(session: Session, run_id: int, chunk_id: int) -> list[Example]:
-    stmt = select(Example).where(Example.run_id == run_id, Example.chunk_id == chunk_id).order_by(Example.idx)
-    return list(session.scalars(stmt))
+def chunk_prompts(session: Session, run_id: int, chunk_id: int) -> list[tuple[int, str, str | None]]:
+    """(idx, prompt, reference) of each example of a chunk, by index: what a worker needs of them, read
+    as plain rows (no ORM objects, no dataset row decoded)."""
+    stmt = (select(Example.idx, Example.prompt, Example.reference)
+            .where(Example.run_id == run_id, Example.chunk_id == chunk_id).order_by(Example.idx))
+    return [(idx, prompt, reference) for idx, prompt, reference in session.execute(stmt)]
 
 
 def chunk_ids(session: Session, run_id: int, statuses: Iterable[ChunkStatus]) -> list[int]:

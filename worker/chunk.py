@@ -22,7 +22,7 @@ from contract.config import RunConfig
 from contract.errors import ConfigError, FatalChunkError, RetryableChunkError
 from db.leases import hold_lease
 from db.outputs import CachedOutput, NewGeneration, cached_outputs, done_pairs, insert_generations
-from db.runs import ChunkClaim, chunk_examples, claim_chunk, complete_chunk, fail_chunk, get_run, run_variants
+from db.runs import ChunkClaim, chunk_prompts, claim_chunk, complete_chunk, fail_chunk, get_run, run_variants
 
 from .lease import Heartbeat
 from .planner import (  # noqa: F401 - cache_key and CACHE_KEY_VERSION: their import path before the split
@@ -115,8 +115,7 @@ def _read_chunk(sessions: sessionmaker[Session], claim: ChunkClaim) -> _ChunkWor
             raise FatalChunkError(f"run {claim.run_id} disappeared after its chunk was claimed")
         return _ChunkWork(
             config=run.config,
-            examples=[ChunkExample(e.idx, e.prompt, e.reference)
-                      for e in chunk_examples(session, claim.run_id, claim.chunk_id)],
+            examples=[ChunkExample(*e) for e in chunk_prompts(session, claim.run_id, claim.chunk_id)],
             variants=[VariantSpec(v.name, v.adapter_path, v.adapter_hash) for v in run_variants(session, claim.run_id)],
             skip=frozenset(done_pairs(session, claim.run_id, claim.start_idx, claim.end_idx)),
         )
