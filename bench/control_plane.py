@@ -349,13 +349,15 @@ class Bench:
     def measure(self, workers: int) -> Point:
         self.start_workers(workers)
         tag = uuid.uuid4().hex[:6]
-        warm_chunks = max(2 * workers, 4) if not self.args.tiny else max(workers, 2)
-        started = time.monotonic()
-        warm = self.submit(f"warm-{workers}-{tag}", warm_chunks)
-        self.wait_done(warm, 900)
-        rate = warm_chunks / max(time.monotonic() - started, 1e-3)  # includes the submit: an under-estimate
-        chunks = max(3 * workers, math.ceil(rate * self.args.seconds * 1.5), 2)
-        chunks = min(chunks, self.args.max_chunks)
+        if self.args.tiny:  # no warm-up: a fixed, small run
+            chunks = 2 * workers
+        else:  # a warm-up run (every worker's first chunk) sizes the measured run
+            warm_chunks = max(2 * workers, 4)
+            started = time.monotonic()
+            warm = self.submit(f"warm-{workers}-{tag}", warm_chunks)
+            self.wait_done(warm, 900)
+            rate = warm_chunks / max(time.monotonic() - started, 1e-3)  # includes the submit: an under-estimate
+            chunks = min(max(3 * workers, math.ceil(rate * self.args.seconds * 1.5)), self.args.max_chunks)
         name = f"measured-{workers}-{tag}"
         result: dict[str, int] = {}
         thread = threading.Thread(target=lambda: result.setdefault("id", self.submit(name, chunks)), daemon=True)
