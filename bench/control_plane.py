@@ -108,8 +108,7 @@ class PrivatePostgres:
 
     def start(self) -> PrivatePostgres:
         self.folder.mkdir()
-        if os.geteuid() == 0:
-            shutil.chown(self.folder.parent, "postgres")
+        if os.geteuid() == 0:  # initdb refuses root: the server runs as postgres
             shutil.chown(self.folder, "postgres")
         subprocess.run(_as_postgres([str(self.bin / "initdb"), "-D", str(self.folder), "-U", "postgres",
                                      "--auth=trust", "-E", "UTF8"]), check=True, capture_output=True)
@@ -122,13 +121,28 @@ class PrivatePostgres:
                                         capture_output=True).returncode == 0, 60, "the private PostgreSQL")
         return self
 
+    def postmaster(self) -> int | None:
+        """The server's pid (the child of `runuser` when started as root)."""
+        try:
+            return int((self.folder / "postmaster.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+
     def pids(self) -> list[int]:
-        return [] if self.proc is None else [self.proc.pid, *_descendants(self.proc.pid)]
+        main = self.postmaster()
+        return [] if main is None else [main, *_descendants(main)]
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)  # fast shutdown
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        main = self.postmaster()
+        if main is not None:
+            os.kill(main, signal.SIGINT)  # fast shutdown (runuser does not pass signals on)
+        try:
             self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
 
 
 class PrivateRedis:
@@ -494,9 +508,10 @@ def main() -> None:
     database = f"lc_cpbench_{uuid.uuid4().hex[:8]}"
     admin_url = args.pg
     bench: Bench | None = None
+    created = False
     try:
         if args.pg == "private":
-            pg = PrivatePostgres(folder / "pgdata", max_connections=4 * max(args.workers) + 30).start()
+            pg = PrivatePostgres(folder, max_connections=4 * max(args.workers) + 30).start()
             admin_url = pg.admin_url
         broker_url = args.redis
         if args.redis == "private":
@@ -505,6 +520,7 @@ def main() -> None:
         admin = create_engine(admin_url.replace("postgresql://", "postgresql+psycopg://"), isolation_level="AUTOCOMMIT")
         with admin.connect() as conn:
             conn.execute(text(f'CREATE DATABASE "{database}"'))
+        created = True
         db_url = admin_url.rsplit("/", 1)[0] + f"/{database}"
         upgrade(make_engine(db_url))
         bench = Bench(args, folder, db_url, broker_url, pg, redis)
@@ -524,7 +540,7 @@ def main() -> None:
         if bench is not None:
             bench.stop_workers()
             bench.engine.dispose()
-        if pg is None:
+        if pg is None and created:
             admin = create_engine(admin_url.replace("postgresql://", "postgresql+psycopg://"),
                                   isolation_level="AUTOCOMMIT")
             with admin.connect() as conn:
