@@ -191,11 +191,12 @@ def complete_chunk(session: Session, run_id: int, chunk_id: int, *, generate_sec
     """Mark a chunk done, with where it ran (`device`, `dtype`) and any exact fallback it took (`engine`).
 
     With `token` (a claim's), refused (False, nothing written) unless that token still holds the lease.
-    `held`: the chunk as `hold_lease` returned it earlier in this transaction (run and chunk locked and
-    read fresh then, so neither is read again).
+    `held`: the chunk as `hold_lease` returned it earlier in this transaction (the run and the chunk are
+    locked until commit, and the chunk was read fresh then: it is not locked and read again).
     """
+    chunk: Chunk | None = held
     if held is not None:
-        run, chunk = session.get(Run, run_id), held
+        run = session.get(Run, run_id)
     else:
         if token is not None and hold_lease(session, run_id, chunk_id, token) is None:
             return False
