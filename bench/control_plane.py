@@ -229,14 +229,29 @@ def machine_cpu_seconds() -> float:
     return busy / CLK
 
 
-def rss_mib(pid: int) -> float:
+def pss_mib(pid: int) -> float:
+    """A process's proportional set size (its private memory plus its share of pages it shares with
+    others, such as the interpreter's and libraries' code): what it adds to the machine's memory."""
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
     return 0.0
+
+
+def available_mib() -> float:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+#: MiB kept free when deciding whether more simulated workers fit (the machine is shared).
+RESERVE_MIB = 4096
+#: MiB a simulated worker is assumed to need before one has been measured, its database connections included.
+WORKER_MIB = 120
 
 
 # --- the benchmark ------------------------------------------------------------------------------------
@@ -256,7 +271,7 @@ class Point:
     phases_ms: dict[str, float] = field(default_factory=dict)  # wall
     phases_cpu_ms: dict[str, float] = field(default_factory=dict)  # the worker's main thread's CPU
     busy: float = 0.0
-    rss_mib: float = 0.0
+    rss_mib: float = 0.0  # PSS per worker
     pg_connections: int = 0
 
     @property
@@ -383,7 +398,7 @@ class Bench:
         thread.join()
         point = self._read(run_id, workers, status)
         point.cpu = {k: after[k] - before[k] for k in after}  # CPU seconds (and "wall": seconds) in the window
-        point.rss_mib = sum(rss_mib(p.pid) for p in self.workers[:workers]) / workers
+        point.rss_mib = sum(pss_mib(p.pid) for p in self.workers[:workers]) / workers
         return point
 
     def _cpu(self) -> dict[str, float]:
@@ -468,9 +483,9 @@ def print_table(points: list[Point], args: argparse.Namespace, shape: str) -> No
             line += f" {100 * p.busy:>5.0f}% {100 * (1 - p.busy):>5.0f}%" if label == "wall" else "  (CPU)"
             print(line)
     print("\nCPU over the window: share of the machine's cores, then CPU ms per chunk (capacity: the chunks/min")
-    print("that CPU would allow on all cores of an otherwise idle machine); RSS per worker; database connections")
+    print("that CPU would allow on all cores of an otherwise idle machine); PSS memory per worker; PG connections")
     print(f"{'workers':>7} {'workers%':>8} {'postgres%':>9} {'redis%':>7} {'other%':>7} {'idle%':>6}   "
-          f"{'cpu ms/chunk: workers':>21} {'postgres':>8} {'redis':>6} {'capacity/min':>12} {'RSS MiB':>8} "
+          f"{'cpu ms/chunk: workers':>21} {'postgres':>8} {'redis':>6} {'capacity/min':>12} {'PSS MiB':>8} "
           f"{'pg conns':>8}")
     cores = os.cpu_count() or 1
     for p in points:
@@ -526,6 +541,13 @@ def main() -> None:
         bench = Bench(args, folder, db_url, broker_url, pg, redis)
         points = []
         for workers in sorted(args.workers):
+            missing = workers - len(bench.workers)
+            measured = max((pss_mib(p.pid) for p in bench.workers), default=0.0)
+            per_worker = measured * 1.2 + 20 if measured else WORKER_MIB  # + its database connections
+            if missing > 0 and missing * per_worker > available_mib() - RESERVE_MIB:
+                print(f"{workers} workers: skipped, {missing} more at about {per_worker:.0f} MiB each would not fit in "
+                      f"the {available_mib():.0f} MiB available (keeping {RESERVE_MIB} MiB free)", file=sys.stderr)
+                continue
             point = bench.measure(workers)
             points.append(point)
             print(f"{workers} workers: {point.chunks} chunks in {point.window_s:.1f} s, {point.chunks_min:.0f}/min, "
