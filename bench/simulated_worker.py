@@ -9,9 +9,10 @@ Before the command line runs, this module (bench-only; no production module know
 ones (a sentence, its token ids, a finish reason). Torch is never imported (checked at start).
 
 With `LORA_COMPARE_BENCH_TIMINGS=folder`, each chunk the worker processes appends one JSON line to
-`folder/<pid>.jsonl`: when it ended and the seconds spent in each phase of `worker.chunk.process_chunk`
-(read, cache lookup, the planner, the fake generation, write+complete, the rest: claim and its commit,
-the lease's heartbeat thread).
+`folder/<pid>.jsonl`: when it ended and the seconds (wall, and the worker thread's CPU) spent in each
+phase of `worker.chunk.process_chunk`: the claim's statements, reading the chunk, the cache lookup, the
+planner, the fake generation, writing the rows and completing the chunk, and the rest (the claim's
+session and commit, the lease's heartbeat thread, parsing the run's config, building the rows).
 """
 
 from __future__ import annotations
@@ -144,8 +145,8 @@ def install_timings(folder: str) -> None:
     of it, and append each chunk's phases to `folder/<pid>.jsonl`."""
     from worker import chunk, tasks
 
-    for name, attr in (("read", "_read_chunk"), ("lookup", "_lookup"), ("planner", "run_chunk"),
-                       ("write", "_write_outputs")):
+    for name, attr in (("claim", "claim_chunk"), ("read", "_read_chunk"), ("lookup", "_lookup"),
+                       ("planner", "run_chunk"), ("write", "_write_outputs")):
         setattr(chunk, attr, _timed(name, getattr(chunk, attr)))
     out = open(Path(folder) / f"{os.getpid()}.jsonl", "a", buffering=1)  # noqa: SIM115 - for the process's life
     process = tasks.process_chunk
