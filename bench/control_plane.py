@@ -381,12 +381,11 @@ class Bench:
         if self.args.tiny:  # no warm-up: a fixed, small run
             chunks = 2 * workers
         else:  # a warm-up run (every worker's first chunk) sizes the measured run
-            warm_chunks = max(2 * workers, 4)
-            started = time.monotonic()
+            warm_chunks = max(2 * workers, 8)
             warm = self.submit(f"warm-{workers}-{tag}", warm_chunks)
             self.wait_done(warm, 900)
-            rate = warm_chunks / max(time.monotonic() - started, 1e-3)  # includes the submit: an under-estimate
-            chunks = min(max(3 * workers, math.ceil(rate * self.args.seconds * 1.5)), self.args.max_chunks)
+            rate = warm_chunks / max(self._window(warm), 1e-3)  # chunks/s, first chunks included: low
+            chunks = min(max(3 * workers, math.ceil(rate * self.args.seconds * 1.2)), self.args.max_chunks)
         name = f"measured-{workers}-{tag}"
         result: dict[str, int] = {}
         thread = threading.Thread(target=lambda: result.setdefault("id", self.submit(name, chunks)), daemon=True)
@@ -400,6 +399,14 @@ class Bench:
         point.cpu = {k: after[k] - before[k] for k in after}  # CPU seconds (and "wall": seconds) in the window
         point.rss_mib = sum(pss_mib(p.pid) for p in self.workers[:workers]) / workers
         return point
+
+    def _window(self, run_id: int) -> float:
+        """Seconds from a run's first claim to its end."""
+        with self.engine.connect() as conn:
+            first, finished = conn.execute(text(
+                "SELECT (SELECT min(started_at) FROM chunks WHERE run_id = :r), finished_at FROM runs WHERE id = :r"),
+                {"r": run_id}).one()
+        return float((finished - first).total_seconds())
 
     def _cpu(self) -> dict[str, float]:
         workers = [p.pid for p in self.workers]
