@@ -331,6 +331,8 @@ class Bench:
             self.workers.append(subprocess.Popen(
                 [*WORKER, "--database-url", self.db_url, "--broker-url", self.broker_url, "worker", "--queues",
                  self.queue, "--hostname", name], stdout=log, stderr=subprocess.STDOUT, env=env))
+        if count > first:
+            print(f"starting {count - first} simulated worker(s)", file=sys.stderr, flush=True)
         for i in range(first, count):
             path = self.logs / f"sim{i:03d}@bench.log"
             wait_for(lambda p=path, w=self.workers[i]: _ready(p, w), 600, f"worker {i} to start", interval=0.5)
@@ -387,6 +389,8 @@ class Bench:
             rate = warm_chunks / max(self._window(warm), 1e-3)  # chunks/s, first chunks included: low
             chunks = min(max(3 * workers, math.ceil(rate * self.args.seconds * 1.2)), self.args.max_chunks)
         name = f"measured-{workers}-{tag}"
+        print(f"{workers} workers: measuring a run of {chunks} chunks ({chunks * self.args.chunk_size} examples)",
+              file=sys.stderr, flush=True)
         result: dict[str, int] = {}
         thread = threading.Thread(target=lambda: result.setdefault("id", self.submit(name, chunks)), daemon=True)
         thread.start()
