@@ -580,10 +580,12 @@ def main() -> None:
             with admin.connect() as conn:
                 conn.execute(text(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
             admin.dispose()
-        if pg is not None:
-            pg.stop()
-        if redis is not None:
-            redis.stop()
+        try:
+            if pg is not None:
+                pg.stop()
+        finally:
+            if redis is not None:
+                redis.stop()
         if args.keep:
             print(f"kept {folder}", file=sys.stderr)
         else:
