@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any, TypedDict
 
-from sqlalchemy import String, and_, any_, bindparam, case, func, select, text
+from sqlalchemy import String, and_, any_, bindparam, case, cast, func, select, text
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session, aliased
@@ -208,6 +208,11 @@ def side_by_side(session: Session, run_id: int) -> list[SideBySide]:
     return list(records.values())
 
 
+def _pg_array(values: Sequence[str]) -> str:
+    """A PostgreSQL array literal of `values`, each quoted."""
+    return "{" + ",".join('"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"' for v in values) + "}"
+
+
 def cached_outputs(session: Session, keys: Sequence[str]) -> dict[str, CachedOutput]:
     """For each cache key already generated (not itself a copy), one such output.
 
@@ -218,7 +223,8 @@ def cached_outputs(session: Session, keys: Sequence[str]) -> dict[str, CachedOut
     columns = (Generation.id, Generation.cache_key, Generation.output, Generation.output_tokens,
                Generation.finish_reason, Generation.output_ids)
     if session.get_bind().dialect.name == "postgresql":
-        batches = [Generation.cache_key == any_(bindparam("keys", unique, type_=ARRAY(String)))] if unique else []
+        keys = bindparam("keys", _pg_array(unique), type_=String)  # one text: the driver adapts no element
+        batches = [Generation.cache_key == any_(cast(keys, ARRAY(String)))] if unique else []
     else:
         batches = [Generation.cache_key.in_(unique[start:start + 500]) for start in range(0, len(unique), 500)]
     for where in batches:

@@ -119,3 +119,28 @@ def test_the_one_statement_insert_stores_what_the_executemany_stored(pg_url: str
     assert stored[0] == stored[1] and len(stored[0]) == 120
     assert stored[0][0][14] == "null" and stored[0][4][14] == "[5, 6, 2]"  # None is JSON null, as before
     engine.dispose()
+
+
+def test_the_cache_lookup_finds_keys_of_any_characters_in_one_query(pg_url: str) -> None:
+    """PostgreSQL's lookup sends the keys as one array literal: quotes, backslashes, commas and braces
+    in a key must survive it (real keys are hex digests, but the function takes any text)."""
+    from db.outputs import cached_outputs
+
+    engine = make_engine(pg_url)
+    upgrade(engine)
+    sessions = session_factory(engine)
+    with sessions.begin() as session:
+        run_id = create_run(session, name="x", config={}, config_path=None, base_model="demo", dataset_path="d",
+                            dataset_sha256="0" * 64, variants=[NewVariant("base", None, None)],
+                            examples=[NewExample(i, {}, f"p{i}", None) for i in range(60)], chunk_size=60).id
+        rows = [r for r in _awkward_rows(run_id) if r.variant == "base"]
+        weird = ['a"b', "c\\d", "e,f", "{g}", "NULL", " h ", "é🙂"]
+        rows = [NewGeneration(**{**r.__dict__, "cache_key": key, "reused_from": None})
+                for r, key in zip(rows, weird)]
+        insert_generations(session, rows)
+    seen = _statements(engine)
+    with sessions() as session:
+        found = cached_outputs(session, [*weird, "absent", *[f"{i:064x}" for i in range(1200)]])
+    assert sorted(found) == sorted(weird)
+    assert sum(statement.startswith("SELECT generations.id") for statement, _ in seen) == 1
+    engine.dispose()
