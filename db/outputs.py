@@ -223,8 +223,8 @@ def cached_outputs(session: Session, keys: Sequence[str]) -> dict[str, CachedOut
     columns = (Generation.id, Generation.cache_key, Generation.output, Generation.output_tokens,
                Generation.finish_reason, Generation.output_ids)
     if session.get_bind().dialect.name == "postgresql":
-        keys = bindparam("keys", _pg_array(unique), type_=String)  # one text: the driver adapts no element
-        batches = [Generation.cache_key == any_(cast(keys, ARRAY(String)))] if unique else []
+        given = bindparam("keys", _pg_array(unique), type_=String)  # one text: the driver adapts no element
+        batches = [Generation.cache_key == any_(cast(given, ARRAY(String)))] if unique else []
     else:
         batches = [Generation.cache_key.in_(unique[start:start + 500]) for start in range(0, len(unique), 500)]
     for where in batches:
