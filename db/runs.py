@@ -125,9 +125,12 @@ def run_variants(session: Session, run_id: int) -> list[Variant]:
     return list(session.scalars(select(Variant).where(Variant.run_id == run_id).order_by(Variant.position)))
 
 
-def chunk_examples(session: Session, run_id: int, chunk_id: int) -> list[Example]:
-    stmt = select(Example).where(Example.run_id == run_id, Example.chunk_id == chunk_id).order_by(Example.idx)
-    return list(session.scalars(stmt))
+def chunk_prompts(session: Session, run_id: int, chunk_id: int) -> list[tuple[int, str, str | None]]:
+    """(idx, prompt, reference) of each example of a chunk, by index: what a worker needs of them, read
+    as plain rows (no ORM objects, no dataset row decoded)."""
+    stmt = (select(Example.idx, Example.prompt, Example.reference)
+            .where(Example.run_id == run_id, Example.chunk_id == chunk_id).order_by(Example.idx))
+    return [(idx, prompt, reference) for idx, prompt, reference in session.execute(stmt)]
 
 
 def chunk_ids(session: Session, run_id: int, statuses: Iterable[ChunkStatus]) -> list[int]:
@@ -185,15 +188,21 @@ def claim_chunk(
 
 def complete_chunk(session: Session, run_id: int, chunk_id: int, *, generate_seconds: float | None,
                    device: str | None = None, dtype: str | None = None, engine: str | None = None,
-                   token: int | None = None) -> bool:
+                   token: int | None = None, held: Chunk | None = None) -> bool:
     """Mark a chunk done, with where it ran (`device`, `dtype`) and any exact fallback it took (`engine`).
 
     With `token` (a claim's), refused (False, nothing written) unless that token still holds the lease.
+    `held`: the chunk as `hold_lease` returned it earlier in this transaction (the run and the chunk are
+    locked until commit, and the chunk was read fresh then: it is not locked and read again).
     """
-    if token is not None and hold_lease(session, run_id, chunk_id, token) is None:
-        return False
-    run = _lock_run(session, run_id)
-    chunk = session.get(Chunk, (run_id, chunk_id), with_for_update=True, populate_existing=True)
+    chunk: Chunk | None = held
+    if held is not None:
+        run = session.get(Run, run_id)
+    else:
+        if token is not None and hold_lease(session, run_id, chunk_id, token) is None:
+            return False
+        run = _lock_run(session, run_id)
+        chunk = session.get(Chunk, (run_id, chunk_id), with_for_update=True, populate_existing=True)
     if run is None or chunk is None:
         return False
     if chunk.status == ChunkStatus.RUNNING:

@@ -11,6 +11,7 @@ from typing import Any
 
 from contract.config import DatasetConfig, GenerationConfig, InferenceConfig, ModelConfig
 from worker.engine.generation import GenResult, GenRow
+from worker.generated import StopFlag
 from worker.model_host import ModelIdentity
 
 IDENTITY = ModelIdentity(base_hash="b" * 64, tokenizer_hash="t" * 64, dtype="float32", device="cpu", eos_ids=(2,))
@@ -38,6 +39,7 @@ class FakeGenerator:
     notes: list[str] = field(default_factory=list)
     adapter_hashes: dict[str, str] = field(default_factory=dict)
     lock: Any = field(default_factory=threading.RLock)
+    stopping: StopFlag = field(default_factory=StopFlag)
 
     def load_base(self, model: ModelConfig) -> ModelIdentity:
         return self.identity

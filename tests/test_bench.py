@@ -40,3 +40,21 @@ def test_the_rows_per_pass_script_runs(demo_model: Path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     rows = re.findall(r"^\s+(\d+)\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+[\d.]+$", done.stdout, re.MULTILINE)
     assert rows == ["3", "8"], done.stdout
+
+
+def test_the_control_plane_benchmark_runs_tiny() -> None:
+    """bench/control_plane.py with 1 and 2 simulated workers (real worker processes, the fake generator)
+    on the shared PostgreSQL (a throwaway database) and Redis (the tests' db 3, a queue of its own)."""
+    from tests.conftest import PG_ADMIN_URL
+
+    pg = PG_ADMIN_URL.replace("postgresql+psycopg://", "postgresql://")
+    done = subprocess.run([sys.executable, str(REPO / "bench/control_plane.py"), "--tiny", "--pg", pg,
+                           "--redis", "redis://127.0.0.1:6379/3"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    assert "chunk_size 16 x 4 variants = 64 rows per chunk" in out
+    row = r"^\s+(\d+)\s+(\d+)\s+(\d+)\s+[\d.]+\s+\d+\s+\d+\s+\d+\s+\d+\s+(\d+)\s+(\w+)$"
+    table = re.findall(row, out, re.MULTILINE)
+    # workers, chunks, rows (every chunk's 16 examples x 4 variants), retried chunks, run status
+    assert table == [("1", "2", "128", "0", "completed"), ("2", "4", "256", "0", "completed")], out
+    assert "where the time goes" in out and "(CPU)" in out and "capacity/min" in out

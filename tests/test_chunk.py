@@ -127,7 +127,7 @@ def test_a_passing_fault_asks_for_the_message_again(sqlite_url: str, fault: Exce
     engine.dispose()
 
 
-@pytest.mark.parametrize("step", ["worker.chunk.chunk_examples", "worker.chunk.run_variants",
+@pytest.mark.parametrize("step", ["worker.chunk.chunk_prompts", "worker.chunk.run_variants",
                                   "worker.chunk.done_pairs", "worker.planner.score", "worker.chunk._row"])
 def test_an_unexpected_error_after_the_claim_fails_the_chunk_with_its_reason(
     any_db_url: str, step: str, monkeypatch: pytest.MonkeyPatch

@@ -52,6 +52,15 @@ def test_importing_db_loads_no_model_library() -> None:
     assert _imported_after(statement) == []
 
 
+def test_the_task_queue_and_sql_path_of_a_worker_loads_no_model_library() -> None:
+    """The Celery task, the chunk's SQL, leases and the worker service import without the model stack:
+    it loads when a worker builds its model host (`worker.runner.load_host`), so a worker over another
+    `ChunkGenerator` (bench/control_plane.py's simulated workers) stays small."""
+    statement = ("import worker.runner, worker.tasks, worker.app, worker.chunk, worker.lease, worker.planner, "
+                 "worker.generated, producer.cli.embedded")
+    assert _imported_after(statement) == []
+
+
 def test_the_worker_does_import_them_which_proves_the_check_can_fail() -> None:
     modules = _modules_after("import worker.model_host")
     assert "torch" in _libraries_in(modules, HEAVY)

@@ -203,3 +203,19 @@ def test_every_input_changes_the_cache_key(change: Any) -> None:
 
     assert key() == key() and key() is not None
     assert change(key) != key()
+
+
+@pytest.mark.parametrize("gen", [GenerationConfig(), GenerationConfig(max_new_tokens=7, stop=("\n", "é\"\\", "🙂")),
+                                 GenerationConfig(do_sample=True)], ids=["default", "stops", "sampling"])
+@pytest.mark.parametrize("path", ["mixed", "merged"])
+def test_a_chunk_s_keys_are_exactly_cache_key_s(gen: GenerationConfig, path: str) -> None:
+    """`ChunkKeys` serializes the shared parts once; the keys must not change (earlier outputs would no
+    longer be found), so each is compared with `cache_key` itself."""
+    from worker.cache_keys import ChunkKeys
+
+    identities = [IDENTITY, replace(IDENTITY, eos_ids=(2, 0, 128009), dtype="bfloat16", device="cuda")]
+    for identity in identities:
+        keys = ChunkKeys(identity, gen, path=path)
+        for adapter in (None, fake_adapter_hash("a"), "ü\"x"):
+            for ids in ((), (1,), (5, 0, 70000, 2**40), tuple(range(300))):
+                assert keys.key(adapter, ids) == cache_key(identity, adapter, ids, gen, path=path)

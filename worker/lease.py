@@ -27,6 +27,7 @@ from db.leases import (
     expire_leases,
     renew_lease,
     stale_queued,
+    stale_queues,
 )
 
 log = logging.getLogger(__name__)
@@ -91,15 +92,19 @@ def reconcile_once(sessions: sessionmaker[Session], depth: Callable[[str], int |
     Each one's `queued_at` is bumped, guarded so that of two sweepers one sends it, and the message
     goes out before that commits (a failed send leaves it stale for the next sweep).
     """
-    with sessions.begin() as session:
-        stale = stale_queued(session, older_than_s=after_s)
-    if not stale:
+    with sessions.begin() as session:  # which queues first (a row each): their chunks are read only if empty
+        queues = stale_queues(session, older_than_s=after_s)
+    if not queues:
         return []
-    empty = {q for q in {item.queue or DEFAULT_QUEUE for item in stale} if depth(q) == 0}
+    empty = {q for q in {queue or DEFAULT_QUEUE for queue in queues} if depth(q) == 0}
+    if not empty:
+        return []  # the usual case while a run's chunks wait their turn: nothing read, nothing sent
     sent: list[Stale] = []
     with sessions.begin() as session:
+        stale = stale_queued(session, older_than_s=after_s,
+                             queues={queue for queue in queues if (queue or DEFAULT_QUEUE) in empty})
         for item in stale:
-            if (item.queue or DEFAULT_QUEUE) in empty and bump_queued(session, item, older_than_s=after_s):
+            if bump_queued(session, item, older_than_s=after_s):
                 send(item)
                 sent.append(item)
     return sent

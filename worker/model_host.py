@@ -26,11 +26,12 @@ from transformers.utils import logging as hf_logging
 from contract.artifacts import files_sha256, inspect_adapter
 from contract.config import DatasetConfig, GenerationConfig, InferenceConfig, ModelConfig
 from contract.errors import AdapterError, ModelLoadError
-from contract.settings import Settings
+from contract.settings import DEFAULT_MAX_ADAPTERS, Settings
 
 from .demo_model import prepare_demo_model
 from .engine import lora_routing
 from .engine.generation import GenResult, GenRow, eos_ids, generate_mixed, generate_separate
+from .generated import StopFlag
 from .prompts import encode_prompts
 
 if TYPE_CHECKING:
@@ -38,8 +39,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: Adapters kept resident at most; the least recently used one is unloaded beyond this.
-DEFAULT_MAX_ADAPTERS = 32
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -93,24 +92,6 @@ class HostStats:
     adapter_loads: int = 0
     adapter_evictions: int = 0
     resident_adapters: list[str] = field(default_factory=list)
-
-
-class StopFlag:
-    """Set when the worker is asked to stop; read by the decode loop once per step. A plain attribute,
-    not a `threading.Event`: it is set from a signal handler in the main thread, which must never wait
-    for a lock the thread it interrupted may hold."""
-
-    def __init__(self) -> None:
-        self._set = False
-
-    def set(self) -> None:
-        self._set = True
-
-    def clear(self) -> None:
-        self._set = False
-
-    def is_set(self) -> bool:
-        return self._set
 
 
 class ModelHost:

@@ -9,8 +9,6 @@ the few things it needs from a resident model (`worker.model_host.ModelHost` is 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
@@ -24,7 +22,8 @@ from contract.errors import FatalChunkError
 from contract.scoring import score
 from db.enums import FinishReason
 
-from .engine.generation import GenResult, GenRow
+from .cache_keys import CACHE_KEY_VERSION, ChunkKeys, cache_key  # noqa: F401 - their import path before
+from .generated import GenResult, GenRow, StopFlag
 
 if TYPE_CHECKING:
     from .engine.call import DecodeOptions
@@ -79,25 +78,6 @@ class Reusable:
 #: Looks up cache keys: key -> the earlier output (keys it does not know are left out).
 CacheLookup = Callable[[list[str]], Mapping[str, Reusable]]
 
-#: Bumped whenever what goes into a cache key changes, so that older keys never match.
-CACHE_KEY_VERSION = 2
-
-
-def cache_key(model: ModelIdentity, adapter_hash: str | None, input_ids: Sequence[int], gen: GenerationConfig,
-              *, path: str) -> str | None:
-    """What determines a greedy output: the base weights and config, the tokenizer files and generation
-    config (EOS ids), the dtype as resolved, the device type, the generation `path` (`mixed`: one copy of
-    the weights with adapters applied per row; `merged`: each adapter merged in; not bit-identical), the
-    adapter, the exact prompt tokens and the settings. None when sampling (a sampled output is not reused)."""
-    if gen.do_sample:
-        return None
-    payload = {"v": CACHE_KEY_VERSION, "base": model.base_hash, "tokenizer": model.tokenizer_hash,
-               "dtype": model.dtype, "device": model.device, "eos": list(model.eos_ids), "path": path,
-               "adapter": adapter_hash, "ids": list(input_ids), "max_new_tokens": gen.max_new_tokens,
-               "stop": list(gen.stop)}
-    return hashlib.sha256(json.dumps(payload, separators=(",", ":")).encode()).hexdigest()
-
-
 class ChunkGenerator(Protocol):
     """What planning and generating a chunk needs from the resident model."""
 
@@ -133,6 +113,9 @@ class ChunkGenerator(Protocol):
     def load_summary(self) -> str:
         """Model loads so far, for the log."""
         ...
+
+    #: Set when the worker shuts down: generation stops at its next decode step (ChunkInterrupted)
+    stopping: StopFlag
 
 
 class RowState(str, Enum):
@@ -201,7 +184,7 @@ def prepare_rows(rows: Sequence[PlannedRow], ids_of: Mapping[int, Sequence[int]]
                  adapters: Mapping[str, tuple[str | None, str | None]], identity: ModelIdentity,
                  config: RunConfig, max_positions: int | None) -> None:
     """Give each row to do its prompt ids, adapter and cache key, and refuse those that cannot be generated."""
-    path = "mixed" if config.inference.use_peft_directly else "merged"
+    keys = ChunkKeys(identity, config.generation, path="mixed" if config.inference.use_peft_directly else "merged")
     for row in rows:
         if row.state is RowState.SKIP:
             continue
@@ -211,7 +194,7 @@ def prepare_rows(rows: Sequence[PlannedRow], ids_of: Mapping[int, Sequence[int]]
         if refused is not None:
             row.state, row.result = RowState.REFUSE, refused
         else:
-            row.cache_key = cache_key(identity, row.adapter_hash, row.input_ids, config.generation, path=path)
+            row.cache_key = keys.key(row.adapter_hash, row.input_ids)
 
 
 def unservable(prompt: str, prompt_tokens: int, max_positions: int | None, gen: GenerationConfig) -> GenResult | None:

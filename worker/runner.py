@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from celery import Celery
 from celery.contrib.testing.worker import start_worker
@@ -19,16 +20,18 @@ from contract.queue import (
     enqueue_chunks,
     make_client,
 )
-from contract.settings import Settings
+from contract.settings import DEFAULT_MAX_ADAPTERS, Settings
 from db.enums import FINAL_RUN_STATUSES, ChunkStatus
 from db.progress import RunProgress, run_progress
 from db.runs import chunk_ids
 
 from .app import create_app
 from .lease import Sweeper
-from .model_host import DEFAULT_MAX_ADAPTERS, ModelHost
 from .solo import SoloPool
 from .tasks import WorkerContext, configure, default_worker_name, request_stop
+
+if TYPE_CHECKING:
+    from .model_host import ModelHost
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +49,14 @@ def _shutting_down(sender: object = None, **_: object) -> None:
     request_stop()
 
 
+def load_host(settings: Settings, *, device: str | None, max_adapters: int = DEFAULT_MAX_ADAPTERS) -> ModelHost:
+    """The worker's model host. Imported here, not at the top: the model libraries load only when a
+    worker starts, so the task, the queue and SQL code import without them."""
+    from .model_host import ModelHost
+
+    return ModelHost(settings, device=device, max_adapters=max_adapters)
+
+
 def run_embedded(
     sessions: sessionmaker[Session],
     settings: Settings,
@@ -57,7 +68,7 @@ def run_embedded(
 ) -> RunProgress:
     """Run every queued chunk of `run_id` through the real Celery task, on an in-process worker
     over Celery's in-memory transport; returns the final progress."""
-    host = host or ModelHost(settings, device=device)
+    host = host or load_host(settings, device=device)
     app = create_app("memory://localhost/")
     # kombu's in-memory queue is polled (1 s by default): poll it often, it is only a deque.
     app.conf.broker_transport_options = {**app.conf.broker_transport_options, "polling_interval": MEMORY_POLL_S}
@@ -132,7 +143,7 @@ def serve(
     from celery.utils.nodenames import default_nodename, host_format
 
     nodename = host_format(default_nodename(hostname))
-    host = ModelHost(settings, device=device, max_adapters=max_adapters)
+    host = load_host(settings, device=device, max_adapters=max_adapters)
     configure(WorkerContext(sessions=sessions, host=host, name=nodename, max_attempts=max_attempts))
     app = create_app(settings.broker_url, visibility_timeout_s=visibility_timeout_s)
     log.info("worker %s on %s, queues %s", nodename, host.device, ",".join(queues))

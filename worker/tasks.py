@@ -22,7 +22,7 @@ from contract.queue import DEFAULT_MAX_ATTEMPTS, DEFAULT_QUEUE, MESSAGE_VERSION,
 from db.enums import EMBEDDED_QUEUE
 
 from .chunk import Processed, process_chunk, refuse_chunk
-from .model_host import ModelHost
+from .planner import ChunkGenerator
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ RETRY_DELAY_S = 5
 @dataclass
 class WorkerContext:
     sessions: sessionmaker[Session]
-    host: ModelHost
+    host: ChunkGenerator  # the resident model (`worker.model_host.ModelHost`)
     name: str
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
 

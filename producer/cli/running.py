@@ -18,6 +18,7 @@ from contract.queue import (
     enqueue_chunks,
     make_client,
 )
+from contract.settings import DEFAULT_MAX_ADAPTERS
 from db.enums import EMBEDDED_QUEUE
 from db.runs import cancel_run, delete_run, get_run, requeue_run
 
@@ -94,7 +95,7 @@ def submit(obj: Context, config: Path, queue: str, wait: bool) -> None:
 @cli.command()
 @device_option()
 @click.option("--queues", default=DEFAULT_QUEUE, show_default=True, help="Comma-separated queues to consume.")
-@click.option("--max-adapters", default=32, show_default=True, help="Adapters kept resident (LRU).")
+@click.option("--max-adapters", default=DEFAULT_MAX_ADAPTERS, show_default=True, help="Adapters kept resident (LRU).")
 @click.option("--max-attempts", default=DEFAULT_MAX_ATTEMPTS, show_default=True,
               help="Starts of a chunk before it is failed.")
 @click.option("--visibility-timeout", default=DEFAULT_VISIBILITY_TIMEOUT_S, show_default=True,

@@ -25,6 +25,7 @@ from transformers import PreTrainedTokenizerBase
 from contract.config import GenerationConfig
 from db.enums import FinishReason
 
+from ..generated import GenResult, GenRow  # noqa: F401 - GenRow: re-exported, its import path before
 from . import lora_routing
 from .call import DecodeOptions
 from .fidelity import plan_decode
@@ -32,22 +33,6 @@ from .request import DecodeRequest
 from .scheduler import decode_rows
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class GenRow:
-    """One row to generate: a tokenized prompt through one adapter (None: the base model)."""
-
-    input_ids: tuple[int, ...]
-    adapter: str | None
-
-
-@dataclass(frozen=True)
-class GenResult:
-    text: str
-    output_tokens: int
-    finish_reason: str  # a FinishReason: eos | stop | length (or, never generated, empty_prompt | prompt_too_long)
-    token_ids: tuple[int, ...] | None = None  # every generated token, EOS included when hit; None: not known
 
 
 def eos_ids(model: Any, tokenizer: PreTrainedTokenizerBase) -> set[int]:
