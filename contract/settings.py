@@ -43,7 +43,8 @@ class Settings:
         return cls(
             database_url=with_password(env.get("LORA_COMPARE_DATABASE_URL", DEFAULT_DATABASE_URL),
                                        env.get(DATABASE_PASSWORD_ENV)),
-            broker_url=with_password(env.get("LORA_COMPARE_BROKER_URL", DEFAULT_BROKER_URL), env.get(BROKER_PASSWORD_ENV)),
+            broker_url=with_password(env.get("LORA_COMPARE_BROKER_URL", DEFAULT_BROKER_URL),
+                                     env.get(BROKER_PASSWORD_ENV)),
             cache_dir=Path(env.get("LORA_COMPARE_CACHE", str(default_cache))),
             model_roots=tuple(Path(p) for p in env.get("LORA_COMPARE_MODEL_ROOTS", "").split(os.pathsep) if p),
         )
