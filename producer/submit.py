@@ -59,6 +59,7 @@ def prepare_run(config_path: str | Path, settings: Settings, *, require_base: bo
         text, ref = render_row(prompt, reference, row)
         examples.append(NewExample(idx=row.idx, data=row.data, prompt=text, reference=ref))
 
+    _check_model_roots(config, settings, source)
     adapters = [inspect_adapter(name, folder) for name, folder in config.model.adapters]
     base_folder = base_model_folder(config, settings)
     label = "the demo model" if config.model.is_demo else str(base_folder)
@@ -79,6 +80,20 @@ def prepare_run(config_path: str | Path, settings: Settings, *, require_base: bo
         adapters=adapters,
         dataset_sha256=file_sha256(Path(config.dataset.path)),
     )
+
+
+def _check_model_roots(config: RunConfig, settings: Settings, source: str) -> None:
+    """With LORA_COMPARE_MODEL_ROOTS set where runs are submitted (the Docker cli service: /data), refuse
+    a model or adapter folder the workers would refuse, before anything is queued."""
+    roots = settings.model_roots
+    paths = [] if config.model.is_demo else [("model.base", config.model.base)]
+    paths += [(f"model.adapters.{name}", folder) for name, folder in config.model.adapters]
+    for key, path in paths if roots else []:
+        resolved = Path(path).resolve()
+        if not any(resolved.is_relative_to(root.resolve()) for root in roots):
+            allowed = ", ".join(str(root) for root in roots)
+            raise ConfigError(f"{source}: {key}: {path} is outside the folders the workers load from ({allowed}); "
+                              "put it there (LORA_COMPARE_MODEL_ROOTS)")
 
 
 def register_run(session: Session, prepared: PreparedRun, *, queue: str | None = None) -> int:

@@ -14,6 +14,7 @@ a model (`run`, `demo`, `worker`, `retry --here`, `verify`), never by `--help`.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,14 @@ from sqlalchemy.exc import OperationalError, ProgrammingError
 from sqlalchemy.orm import Session, sessionmaker
 
 from contract.errors import LoraCompareError
-from contract.settings import DEFAULT_BROKER_URL, DEFAULT_DATABASE_URL, Settings
+from contract.settings import (
+    BROKER_PASSWORD_ENV,
+    DATABASE_PASSWORD_ENV,
+    DEFAULT_BROKER_URL,
+    DEFAULT_DATABASE_URL,
+    Settings,
+    with_password,
+)
 from db.engine import make_engine, session_factory
 from db.migrate import upgrade
 from db.readonly import QueryError
@@ -64,6 +72,8 @@ def translate_errors(err: BaseException) -> click.ClickException | None:
     if isinstance(err, OperationalError):
         first = str(err.orig if err.orig is not None else err).strip().splitlines()[0]
         return click.ClickException(f"database error: {first}")
+    if isinstance(err, OSError) and err.filename is not None:  # a file we could not read or write
+        return click.ClickException(f"{err.filename}: {err.strerror or err}")
     if isinstance(err, ProgrammingError):
         first = str(err.orig if err.orig is not None else err).strip().splitlines()[0]
         return click.ClickException(
@@ -127,8 +137,9 @@ def cli(ctx: click.Context, database_url: str, broker_url: str, verbose: int) ->
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     base = Settings.from_env()
-    ctx.obj = Context(Settings(database_url=database_url, broker_url=broker_url, cache_dir=base.cache_dir,
-                               model_roots=base.model_roots))
+    ctx.obj = Context(Settings(database_url=with_password(database_url, os.environ.get(DATABASE_PASSWORD_ENV)),
+                               broker_url=with_password(broker_url, os.environ.get(BROKER_PASSWORD_ENV)),
+                               cache_dir=base.cache_dir, model_roots=base.model_roots))
 
 
 pass_context = click.make_pass_decorator(Context)

@@ -98,3 +98,22 @@ def verify(sessions: sessionmaker[Session], settings: Settings, run_id: int, *, 
     with sessions.begin() as session:
         record_verification(session, result)
     return result
+
+
+def export_demo(obj: Context, config: Path, target: Path) -> None:
+    """Prepare the demo model (in the cache) and write the demo's files in the data-folder layout into
+    `target`, or as a tar stream on stdout for `-`."""
+    import sys
+
+    from worker.demo_model import prepare_demo_model
+
+    from ..demo_export import demo_layout, write_layout, write_tar
+
+    files = demo_layout(prepare_demo_model(obj.settings.demo_model_dir), config)
+    if str(target) == "-":
+        write_tar(files, sys.stdout.buffer)
+        sys.stdout.buffer.flush()
+        click.echo(f"exported the demo ({len(files)} files) as a tar stream", err=True)
+        return
+    write_layout(files, target)
+    click.echo(f"exported the demo to {target}: submit {target / 'configs' / 'demo.yaml'}", err=True)

@@ -128,8 +128,8 @@ def _elapsed(run: Any) -> float | None:
 @cli.command()
 @run_argument
 @format_option("table", "json")
-@click.option("--html", "html_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Also write a self-contained HTML report to this file.")
+@click.option("--html", "html_file", type=click.Path(dir_okay=False, allow_dash=True, path_type=Path), default=None,
+              help="Also write a self-contained HTML report to this file; `-`: only the page, on stdout.")
 @pass_context
 def report(obj: Context, run_id: int, fmt: str, html_file: Path | None) -> None:
     """Per-variant scores with 95% intervals and paired comparisons of each adapter with base."""
@@ -146,7 +146,11 @@ def report(obj: Context, run_id: int, fmt: str, html_file: Path | None) -> None:
 
         meta = {"name": run.name, "status": run.status, "base": run.base_model, "dataset": run.dataset_path,
                 "examples": run.n_examples}
-        html_file.write_text(render_html(result, records, meta), encoding="utf-8")
+        page = render_html(result, records, meta)
+        if str(html_file) == "-":  # e.g. from a container: `docker compose run --rm -T cli report 1 --html - > r.html`
+            click.echo(page, nl=False)
+            return
+        html_file.write_text(page, encoding="utf-8")
         click.echo(f"wrote {html_file}", err=True)
     if fmt == "json":
         click.echo(display.to_json_object(result.to_json()))

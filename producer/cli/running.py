@@ -44,15 +44,22 @@ def run(obj: Context, config: Path, device: str, quiet: bool) -> None:
 @cli.command()
 @click.option("--config", "config", type=click.Path(path_type=Path), default=DEMO_CONFIG, show_default=True,
               help="The demo config to run.")
+@click.option("--export", "export_to", type=click.Path(file_okay=False, allow_dash=True, path_type=Path),
+              default=None, help="Instead of running it: prepare the demo model and write it, the adapter, the "
+              "dataset and a config into this folder, laid out as docs/deploying.md says for /data "
+              "(`-`: a tar stream on stdout).")
 @device_option()
 @quiet_option
 @pass_context
-def demo(obj: Context, config: Path, device: str, quiet: bool) -> None:
+def demo(obj: Context, config: Path, export_to: Path | None, device: str, quiet: bool) -> None:
     """Prepare the bundled SmolLM2-135M-Instruct model and demo adapter, then run the demo end to end."""
-    from .embedded import run_here
+    from .embedded import export_demo, run_here
 
     if not config.is_file():
         raise click.ClickException(f"{config}: the demo config is missing")
+    if export_to is not None:
+        export_demo(obj, config, export_to)
+        return
     run_here(obj, config, device=device, quiet=quiet)
 
 
