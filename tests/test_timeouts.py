@@ -8,6 +8,7 @@ writing across a silent cut logs the outage, keeps its rows and writes them once
 from __future__ import annotations
 
 import json
+import os
 import socket
 import threading
 import time
@@ -151,6 +152,11 @@ def test_status_across_a_silent_database_cut_fails_in_one_line(pg_url: str) -> N
         proxy.cut()
 
 
+#: Seconds of silence in the worker's cut: 60 in the suite; the issue's 2 minutes with
+#: LORA_COMPARE_TEST_CUT_S=120 (the worker's lease expires either way: the cut outlasts it).
+CUT_S = float(os.environ.get("LORA_COMPARE_TEST_CUT_S", "60"))
+
+
 @pytest.mark.slow
 def test_a_worker_across_a_silent_database_cut_logs_it_and_finishes_exactly_once(
         tmp_path: Path, pg_url: str, test_adapters: dict[str, Path]) -> None:
@@ -175,7 +181,7 @@ def test_a_worker_across_a_silent_database_cut_logs_it_and_finishes_exactly_once
         hold.unlink()
         wait_until(lambda: "database unreachable while writing" in worker.log(), 30, "the worker to log the outage")
         noticed = time.monotonic() - cut_at
-        time.sleep(max(0.0, 60 - noticed))  # the outage under test (60 s of silence in all), not a wait
+        time.sleep(max(0.0, CUT_S - noticed))  # the outage under test (CUT_S of silence in all), not a wait
         proxy.thaw()
         wait_until(lambda: scalar(pg_url, "SELECT status FROM runs WHERE id = :r", r=run_id) == "completed",
                    240, f"run {run_id} to complete", interval=0.5)
@@ -183,7 +189,7 @@ def test_a_worker_across_a_silent_database_cut_logs_it_and_finishes_exactly_once
                               "GROUP BY example_idx, variant", r=run_id)
         assert len(counts) == len(PAIRS) * 2 and all(c == 1 for _, _, c in counts)
         assert worker.alive
-        print(f"worker logged the silent cut after {noticed:.1f}s")
+        print(f"worker logged the silent cut after {noticed:.1f}s; {CUT_S:.0f}s of silence; run completed")
     finally:
         worker.stop()
         proxy.thaw()
