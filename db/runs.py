@@ -31,6 +31,8 @@ class NewExample:
     data: dict[str, Any]
     prompt: str
     reference: str | None
+    choices: list[str] | None = None  # task choice: the rendered choices
+    answer_index: int | None = None  # task choice: the gold choice's index
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,8 @@ def create_run(
                     "data": ex.data,
                     "prompt": ex.prompt,
                     "reference": ex.reference,
+                    "choices": ex.choices,
+                    "answer_index": ex.answer_index,
                 }
                 for ex in examples
             ],
@@ -125,12 +129,13 @@ def run_variants(session: Session, run_id: int) -> list[Variant]:
     return list(session.scalars(select(Variant).where(Variant.run_id == run_id).order_by(Variant.position)))
 
 
-def chunk_prompts(session: Session, run_id: int, chunk_id: int) -> list[tuple[int, str, str | None]]:
-    """(idx, prompt, reference) of each example of a chunk, by index: what a worker needs of them, read
-    as plain rows (no ORM objects, no dataset row decoded)."""
-    stmt = (select(Example.idx, Example.prompt, Example.reference)
+def chunk_prompts(session: Session, run_id: int, chunk_id: int
+                  ) -> list[tuple[int, str, str | None, list[str] | None, int | None]]:
+    """(idx, prompt, reference, choices, answer_index) of each example of a chunk, by index: what a worker
+    needs of them, read as plain rows (no ORM objects, no dataset row decoded)."""
+    stmt = (select(Example.idx, Example.prompt, Example.reference, Example.choices, Example.answer_index)
             .where(Example.run_id == run_id, Example.chunk_id == chunk_id).order_by(Example.idx))
-    return [(idx, prompt, reference) for idx, prompt, reference in session.execute(stmt)]
+    return [tuple(row) for row in session.execute(stmt)]  # type: ignore[misc]
 
 
 def chunk_ids(session: Session, run_id: int, statuses: Iterable[ChunkStatus]) -> list[int]:

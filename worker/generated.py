@@ -23,6 +23,21 @@ class GenResult:
     token_ids: tuple[int, ...] | None = None  # every generated token, EOS included when hit; None: not known
 
 
+@dataclass(frozen=True)
+class ScoreRow:
+    """One context and the continuations scored after it, through one adapter (None: the base model)."""
+
+    context_ids: tuple[int, ...]
+    continuations: tuple[tuple[int, ...], ...]
+    adapter: str | None
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    logprobs: tuple[float, ...]  # per continuation: the sum of its tokens' log-probabilities
+    greedy: tuple[bool, ...]  # per continuation: every token is the argmax
+
+
 class StopFlag:
     """Set when the worker is asked to stop; read by the decode loop once per step. A plain attribute,
     not a `threading.Event`: it is set from a signal handler in the main thread, which must never wait

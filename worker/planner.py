@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from enum import Enum
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from contract.artifacts import adapter_changed
 from contract.config import DatasetConfig, GenerationConfig, InferenceConfig, ModelConfig, RunConfig
@@ -33,8 +33,10 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class ChunkExample:
     idx: int
-    prompt: str
+    prompt: str  # generate: the prompt; choice: the context; perplexity: the document
     reference: str | None
+    choices: tuple[str, ...] | None = None  # task choice: the answer choices
+    answer: int | None = None  # task choice: the gold choice's index
 
 
 @dataclass(frozen=True)
@@ -270,6 +272,8 @@ class ChunkOutcome:
     device: str | None = None  # where it was generated (cpu, cuda:0, ...)
     dtype: str | None = None  # the weights' dtype as resolved
     engine: str | None = None  # the exact fallbacks taken instead of the fast path, and why; None: none
+    #: A log-likelihood task's scores (`worker.loglik_plan.ScoreRecord`), written with the records
+    scores: Sequence[Any] = ()
 
 
 def run_chunk(
@@ -285,7 +289,12 @@ def run_chunk(
 ) -> ChunkOutcome:
     """Generate and score every (example, variant) of the chunk not in `skip`; outputs that `cached`
     already knows (same weights, prompt tokens and settings) are reused instead of generated.
-    `options`: the decode engine's switches (default: every fast path the model allows)."""
+    `options`: the decode engine's switches (default: every fast path the model allows).
+    A log-likelihood task's chunk is scored instead (`worker.loglik_plan`)."""
+    if config.loglik:
+        from .loglik_plan import run_loglik_chunk
+
+        return run_loglik_chunk(host, config, examples, variants, skip=skip)
     identity = host.load_base(config.model)
     adapters = load_adapters(host, variants)  # every chunk: the host hashes each adapter's files anew
     rows = plan_rows(examples, variants, skip)
