@@ -100,7 +100,7 @@ class Example(Base):
     data: Mapped[dict] = mapped_column(JSON)
     prompt: Mapped[str] = mapped_column(Text)
     reference: Mapped[str | None] = mapped_column(Text)
-    choices: Mapped[list | None] = mapped_column(JSON)  # task choice: the rendered choices, in order
+    choices: Mapped[list | None] = mapped_column(JSON(none_as_null=True))  # task choice: the rendered choices, in order
     answer_index: Mapped[int | None] = mapped_column(Integer)  # task choice: the gold choice's index
 
     __table_args__ = (Index("ix_examples_run_chunk", "run_id", "chunk_id"),)

@@ -75,7 +75,8 @@ def test_choice_and_perplexity_configs_parse_and_round_trip(tmp_path: Path) -> N
     (("task: choice", "task: ranking"), "key 'task' must be one of generate, choice, perplexity"),
     (('  choices: "{{ options }}"\n', ""), "key 'dataset.choices' is required for task: choice"),
     (('  answer: "{{ label }}"\n', ""), "key 'dataset.answer' is required"),
-    (("  path: mc.jsonl", "  path: mc.jsonl\n  reference: x"), "key 'dataset.reference' does not apply to task: choice"),
+    (("  path: mc.jsonl", "  path: mc.jsonl\n  reference: x"),
+     "key 'dataset.reference' does not apply to task: choice"),
     (("dataset:", "generation:\n  max_new_tokens: 4\ndataset:"), "key 'generation' does not apply to task: choice"),
     (('"{{ options }}"', "[]"), "key 'dataset.choices' must be a non-empty list"),
 ])

@@ -36,10 +36,8 @@ from .planner import (
     prompts_to_encode,
     user_notes,
 )
-from .windows import rolling_windows
+from .windows import harness_max_length, rolling_windows
 
-#: The harness's context length when the model says nothing of its own (HFLM's default).
-DEFAULT_MAX_LENGTH = 2048
 _WORDS = re.compile(r"\s+")
 
 
@@ -128,7 +126,7 @@ def _document_requests(host: ChunkGenerator, needed: Sequence[ChunkExample],
                        rows: Sequence[PlannedRow]) -> list[list[ScoreRow]]:
     """One request per rolling window of each row's document."""
     tokens = dict(zip((ex.idx for ex in needed), host.encode_text([ex.prompt for ex in needed])))
-    max_len = host.context_limit() or DEFAULT_MAX_LENGTH
+    max_len = harness_max_length(host.context_limit())
     windows = {idx: rolling_windows(ids, host.prefix_token_id(), max_len) for idx, ids in tokens.items()}
     out = []
     for row in rows:

@@ -65,7 +65,7 @@ FROM loglikelihoods l
 JOIN examples e ON e.run_id = l.run_id AND e.idx = l.example_idx
 LEFT JOIN loglikelihoods b ON b.run_id = l.run_id AND b.example_idx = l.example_idx
      AND b.choice_idx = l.choice_idx AND b.variant = 'base'
-WHERE e.choices IS NOT NULL
+WHERE e.answer_index IS NOT NULL
 """
 
 DOCUMENT_SCORES_VIEW = """
@@ -79,7 +79,7 @@ FROM loglikelihoods l
 JOIN examples e ON e.run_id = l.run_id AND e.idx = l.example_idx
 LEFT JOIN loglikelihoods b ON b.run_id = l.run_id AND b.example_idx = l.example_idx
      AND b.choice_idx = l.choice_idx AND b.variant = 'base'
-WHERE e.choices IS NULL
+WHERE e.answer_index IS NULL
 """
 
 
