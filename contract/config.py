@@ -271,6 +271,11 @@ def _dataset(d: Reader, task: str, base_dir: Path | None) -> DatasetConfig:
     for key in _TASK_SPECIFIC:
         if d.has(key) and key not in _TASK_KEYS[task]:
             raise d.error(key, f"does not apply to task: {task} (its keys: {', '.join(_TASK_KEYS[task])})")
+    if task == "perplexity":
+        if d.boolean("chat_template", False):
+            raise d.error("chat_template", "does not apply to task: perplexity (a document is scored as it is)")
+        if d.has("system_prompt"):
+            raise d.error("system_prompt", "does not apply to task: perplexity (a document is scored as it is)")
     path = d.string("path", required=True)
     assert path is not None
     choices: str | tuple[str, ...] | None = None

@@ -93,6 +93,9 @@ def test_perplexity_needs_its_text_key(tmp_path: Path) -> None:
         _config(tmp_path, PERPLEXITY.format(base="demo", attn="a").replace('  text: "{{ text }}"\n', ""))
     with pytest.raises(ConfigError, match="key 'dataset.prompt' does not apply to task: perplexity"):
         _config(tmp_path, PERPLEXITY.format(base="demo", attn="a") + '  prompt: "x"\n')
+    for key in ("chat_template: true", "system_prompt: be brief"):
+        with pytest.raises(ConfigError, match=f"key 'dataset.{key.split(':')[0]}' does not apply to task: perplexity"):
+            _config(tmp_path, PERPLEXITY.format(base="demo", attn="a") + f"  {key}\n")
 
 
 def test_answers_are_an_index_a_choice_text_or_a_letter() -> None:
