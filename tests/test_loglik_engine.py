@@ -207,3 +207,25 @@ def test_a_stop_request_interrupts_between_forward_passes(root: Path) -> None:
     with pytest.raises(ChunkInterrupted):
         score_rows(fam.model, fam.rows, capacity=4, stop=stop)
     assert len(asked) == 3  # once per forward pass, until it said stop
+
+
+@pytest.mark.parametrize("label", ["fast path", "shared context off", "needed positions off"])
+def test_passes_over_the_logits_budget_are_split_down_to_one_sequence(root: Path, label: str,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from worker.engine import loglik
+
+    fam = family(root, "llama")
+    monkeypatch.setattr(loglik, "LOGITS_PER_PASS", 1)  # any two sequences are over it
+    passes = []
+
+    def count() -> bool:  # asked once per forward pass
+        passes.append(1)
+        return False
+
+    got, _notes = score_rows(fam.model, fam.rows, options=OPTIONS[label], capacity=8, stop=count)
+    assert not differences(got, fam.reference(None), fam.rows)
+    conts = [c for row in fam.rows for c in row.continuations]
+    if label == "shared context off":
+        assert len(passes) == len(conts)  # each (context, continuation) alone
+    else:  # each context alone, then each continuation of more than one token alone
+        assert len(passes) == len(fam.rows) + sum(len(c) > 1 for c in conts)

@@ -24,9 +24,9 @@ attention needs no fallback here: a sequence's real tokens always sit in consecu
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -39,6 +39,8 @@ from .fidelity import PROVEN_ARCHITECTURES, base_config
 from .loglik_pass import Forward, Piece, Scores, continuation_pass, prefill, whole_pass
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -149,24 +151,65 @@ def _forward(model: Any, mixing: lora_routing.Mixing | None, stop: Callable[[], 
     return forward
 
 
+#: The most logits one pass computes ([sequences, positions, vocabulary] elements: 512 MiB in float32),
+#: unless a single sequence needs more (it then runs alone, as the harness runs it).
+LOGITS_PER_PASS = 2**27
+
+
+def _batches(items: Sequence[_T], *, length: Callable[[_T], int], positions: Callable[[_T], int], capacity: int,
+             vocab: int, name: Callable[[_T], str | None]) -> Iterator[list[_T]]:
+    """`items`, longest first by `length`, cut into passes of at most `capacity` sequences whose
+    logits (sequences x the most `positions` of one x `vocab`) stay within `LOGITS_PER_PASS`; each
+    pass's items grouped by adapter (stable)."""
+    batch: list[_T] = []
+    widest = 0
+    for item in sorted(items, key=lambda i: -length(i)):
+        wider = max(widest, positions(item))
+        if batch and (len(batch) == capacity or (len(batch) + 1) * wider * vocab > LOGITS_PER_PASS):
+            yield sorted(batch, key=lambda i: name(i) or "")
+            batch, wider = [], positions(item)
+        batch.append(item)
+        widest = wider
+    if batch:
+        yield sorted(batch, key=lambda i: name(i) or "")
+
+
+def _vocab(model: Any) -> int:
+    head = model.get_output_embeddings()
+    return int(head.weight.shape[0]) if head is not None else int(base_config(model).vocab_size)
+
+
 def _passes(model: Any, forward: Forward, pieces: list[Piece], scores: Scores, options: ScoreOptions,
             capacity: int) -> None:
-    """Every piece through the model, at most `capacity` sequences per pass; longest contexts first
-    (a pass pads little), each pass's rows grouped by adapter (one contiguous range each)."""
-    order = sorted(pieces, key=lambda p: -len(p.context))
-    needed = options.needed_positions_only
+    """Every piece through the model, at most `capacity` sequences per pass, longest first (a pass
+    pads little), each pass's rows grouped by adapter (one contiguous range each)."""
+    needed, vocab = options.needed_positions_only, _vocab(model)
     if not options.share_context:
-        items = [(piece, c) for piece in order for c in range(len(piece.continuations))]
-        for start in range(0, len(items), capacity):
-            group = sorted(items[start:start + capacity], key=lambda item: item[0].name or "")
-            whole_pass(model, forward, group, scores, needed_only=needed)
+        items = [(piece, c) for piece in pieces for c in range(len(piece.continuations))]
+
+        def whole(item: tuple[Piece, int]) -> int:
+            return len(item[0].context) + len(item[0].continuations[item[1]]) - 1
+
+        def scored(item: tuple[Piece, int]) -> int:  # the positions the head runs on
+            return len(item[0].continuations[item[1]]) if needed else whole(item)
+
+        for sequences in _batches(items, length=whole, positions=scored, capacity=capacity, vocab=vocab,
+                                  name=lambda item: item[0].name):
+            whole_pass(model, forward, sequences, scores, needed_only=needed)
         return
-    for start in range(0, len(order), capacity):
-        batch = sorted(order[start:start + capacity], key=lambda p: p.name or "")
+    for batch in _batches(pieces, length=lambda p: len(p.context), positions=lambda p: 1 if needed else len(p.context),
+                          capacity=capacity, vocab=vocab, name=lambda p: p.name):
         done = prefill(model, forward, batch, scores, needed_only=needed)
         tails = [(p, c) for p, piece in enumerate(batch) for c, cont in enumerate(piece.continuations) if len(cont) > 1]
-        for first in range(0, len(tails), capacity):
-            continuation_pass(model, forward, done, tails[first:first + capacity], scores, needed_only=needed)
+
+        def tail(item: tuple[int, int], of: list[Piece] = batch) -> int:
+            return len(of[item[0]].continuations[item[1]]) - 1
+
+        def name(item: tuple[int, int], of: list[Piece] = batch) -> str | None:
+            return of[item[0]].name
+
+        for group in _batches(tails, length=tail, positions=tail, capacity=capacity, vocab=vocab, name=name):
+            continuation_pass(model, forward, done, group, scores, needed_only=needed)
 
 
 @torch.inference_mode()
