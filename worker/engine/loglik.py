@@ -67,10 +67,13 @@ class ScorePlan:
 
 
 def is_peft(model: Any) -> bool:
+    """Whether `model` is a PeftModel (adapters loaded), without importing peft."""
     return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
 
 
 def plan_score(model: Any, options: ScoreOptions) -> ScorePlan:
+    """How `score_rows` runs on `model` with `options`: as `fidelity.plan_decode` decides for
+    generation, less the shared-prefix rule (a scored sequence's real tokens are consecutive columns)."""
     model_type = str(getattr(base_config(model), "model_type", "unknown"))
     mixing: lora_routing.Mixing | None = None
     if is_peft(model):
