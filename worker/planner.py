@@ -23,10 +23,11 @@ from contract.scoring import score
 from db.enums import FinishReason
 
 from .cache_keys import CACHE_KEY_VERSION, ChunkKeys, cache_key  # noqa: F401 - their import path before
-from .generated import GenResult, GenRow, StopFlag
+from .generated import GenResult, GenRow, ScoreResult, ScoreRow, StopFlag
 
 if TYPE_CHECKING:
     from .engine.call import DecodeOptions
+    from .engine.loglik import ScoreOptions
     from .model_host import ModelIdentity
 
 
@@ -102,6 +103,25 @@ class ChunkGenerator(Protocol):
     def generate(self, rows: Sequence[GenRow], gen: GenerationConfig, inference: InferenceConfig, *,
                  variants: int, seed: int, options: DecodeOptions | None) -> tuple[list[GenResult], list[str]]:
         """One result per row, in order, and the engine's notes (each fallback taken, and why)."""
+        ...
+
+    def encode_pairs(self, contexts: Sequence[str], continuations: Sequence[Sequence[str]],
+                     dataset: DatasetConfig) -> list[tuple[list[int], list[list[int]]]]:
+        """Per context: (its token ids, each of its continuations' token ids), split as lm-evaluation-harness
+        splits them; the chat template and system prompt applied to the context as `dataset` says."""
+        ...
+
+    def encode_text(self, texts: Sequence[str]) -> list[list[int]]:
+        """Each text's token ids as the harness encodes a perplexity document."""
+        ...
+
+    def prefix_token_id(self) -> int:
+        """The token an empty context and a document's first window are scored after (BOS, else EOS)."""
+        ...
+
+    def score(self, rows: Sequence[ScoreRow], inference: InferenceConfig, *, variants: int,
+              options: ScoreOptions | None) -> tuple[list[ScoreResult], list[str]]:
+        """Each row's continuation log-probabilities, in order, and the engine's notes (each fallback taken)."""
         ...
 
     def device_name(self) -> str:
