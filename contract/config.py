@@ -60,7 +60,9 @@ class DatasetConfig:
     #: choice: one template rendering a list (a field holding one), or one template per choice
     choices: str | tuple[str, ...] | None = None
     answer: str | None = None  # choice: the gold answer (0-based index, letter, or the choice's text)
-    target_delimiter: str = " "  # choice: put between the context and each choice
+    #: choice: put between the context and each choice; None: the harness's, one space, or nothing when the
+    #: context is wrapped in the chat template (its generation prompt ends the context)
+    target_delimiter: str | None = None
     text: str | None = None  # perplexity: the document
 
 
@@ -98,6 +100,14 @@ class RunConfig:
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     task: str = "generate"  # one of TASKS
+
+    @property
+    def choice_delimiter(self) -> str:
+        """What goes between a choice run's context and each choice (`dataset.target_delimiter`)."""
+        d = self.dataset
+        if d.target_delimiter is not None:
+            return d.target_delimiter
+        return "" if d.chat_template else " "
 
     @property
     def loglik(self) -> bool:
@@ -291,8 +301,8 @@ def _dataset(d: Reader, task: str, base_dir: Path | None) -> DatasetConfig:
         else:
             choices = d.string("choices", required=True)
         d.string("answer", required=True)
-    delimiter = d.data.get("target_delimiter", " ")
-    if not isinstance(delimiter, str):
+    delimiter = d.data.get("target_delimiter")
+    if delimiter is not None and not isinstance(delimiter, str):
         raise d.error("target_delimiter", f"must be a string, got {kind(delimiter)}")
     return DatasetConfig(
         path=_resolve(d.source, "dataset.path", path, base_dir),

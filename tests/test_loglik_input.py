@@ -59,12 +59,15 @@ def test_choice_and_perplexity_configs_parse_and_round_trip(tmp_path: Path) -> N
     choice = _config(tmp_path, CHOICE.format(base="demo", attn="a"))
     assert choice.task == "choice" and choice.loglik
     assert choice.dataset.choices == "{{ options }}" and choice.dataset.answer == "{{ label }}"
-    assert choice.dataset.target_delimiter == " " and choice.dataset.chat_template is False
+    assert choice.dataset.target_delimiter is None and choice.choice_delimiter == " "
+    assert choice.dataset.chat_template is False
     assert RunConfig.from_dict(choice.to_dict()) == choice
     listed = _config(tmp_path, CHOICE.format(base="demo", attn="a").replace(
         '"{{ options }}"', '["{{ a }}", "{{ b }}"]') + '  target_delimiter: ""\n  chat_template: true\n')
     assert listed.dataset.choices == ("{{ a }}", "{{ b }}") and listed.dataset.target_delimiter == ""
-    assert listed.dataset.chat_template is True
+    assert listed.dataset.chat_template is True and listed.choice_delimiter == ""
+    templated = _config(tmp_path, CHOICE.format(base="demo", attn="a") + "  chat_template: true\n")
+    assert templated.choice_delimiter == ""  # the harness's: the chat template's generation prompt ends the context
     assert RunConfig.from_dict(listed.to_dict()) == listed
     ppl = _config(tmp_path, PERPLEXITY.format(base="demo", attn="a"))
     assert ppl.task == "perplexity" and ppl.dataset.text == "{{ text }}" and ppl.dataset.prompt == ""

@@ -110,7 +110,7 @@ def run_loglik_chunk(host: ChunkGenerator, config: RunConfig, examples: Sequence
 def _choice_requests(host: ChunkGenerator, config: RunConfig, needed: Sequence[ChunkExample],
                      rows: Sequence[PlannedRow]) -> list[list[ScoreRow]]:
     """One request per row: its context and every choice after it."""
-    delimiter = config.dataset.target_delimiter
+    delimiter = config.choice_delimiter
     pairs = host.encode_pairs([ex.prompt for ex in needed], [[delimiter + c for c in ex.choices or ()]
                                                               for ex in needed], config.dataset)
     encoded = {ex.idx: pair for ex, pair in zip(needed, pairs)}
