@@ -2,8 +2,10 @@
 # Both create .venv in the repo when needed: the locked versions of every dependency
 # (requirements.lock, hashes checked; the Docker image installs the same file), torch 2.13.0 (a CPU
 # build on this kind of machine; the image installs the CUDA build of the same version from
-# requirements-cuda.lock), then the project itself with its dev extras, and `pip check`.
-# `make lock` regenerates both lock files with uv; `make compose-test` runs the Docker deployment
+# requirements-cuda.lock), then the project itself with its dev extras, then lm-evaluation-harness
+# (requirements-harness.lock: only what the `harness` extra adds, the tests' reference for the
+# log-likelihood tasks; never in the image), and `pip check`.
+# `make lock` regenerates the three lock files with uv; `make compose-test` runs the Docker deployment
 # for real (needs a Docker engine; not part of `make test`).
 
 PYTHON ?= python3
@@ -17,12 +19,13 @@ PYTEST_ARGS ?=
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml requirements.lock
+$(STAMP): pyproject.toml requirements.lock requirements-harness.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet --no-deps --require-hashes -r requirements.lock
 	$(BIN)/python -m pip install --quiet $(TORCH)
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --no-deps --require-hashes -r requirements-harness.lock
 	$(BIN)/python -m pip check
 	touch $(STAMP)
 
@@ -37,7 +40,7 @@ lint: $(STAMP)
 	$(BIN)/mypy contract db producer
 	$(BIN)/lint-imports
 
-# Both lock files from pyproject.toml, keeping current pins (UPGRADE=1: the newest allowed); needs uv.
+# The three lock files from pyproject.toml, keeping current pins (UPGRADE=1: the newest allowed); needs uv.
 lock:
 	$(PYTHON) .ci/lock.py $(if $(UPGRADE),--upgrade)
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Regenerate the pinned versions (`make lock`): requirements.lock and requirements-cuda.lock.
+"""Regenerate the pinned versions (`make lock`): requirements.lock, requirements-cuda.lock and
+requirements-harness.lock.
 
 One resolution by uv (`uv pip compile`, hashes for every file) of the project with its dev extras and
 torch pinned, for CPython 3.11 on x86_64 Linux (the image's and CI's platform). It is split in two:
@@ -7,7 +8,11 @@ torch pinned, for CPython 3.11 on x86_64 Linux (the image's and CI's platform). 
   Docker image installs first;
 - requirements.lock: everything else, what both `make venv` (after a CPU torch of the same version)
   and the image install, with `--no-deps --require-hashes`.
-Versions already in the two files are kept unless `--upgrade` is given (uv's preference for the pins
+A second resolution adds the `harness` extra (lm-evaluation-harness, the tests' reference for the
+log-likelihood tasks) with every pin of the first as a constraint, so it changes none of them;
+requirements-harness.lock holds only the packages it adds, what `make venv` installs after the
+project (never the image).
+Versions already in the files are kept unless `--upgrade` is given (uv's preference for the pins
 of an existing output file), so a lock changes only where pyproject.toml asks it to.
 """
 
@@ -40,29 +45,57 @@ def blocks(text: str) -> list[str]:
     return out
 
 
+def name(block: str) -> str:
+    """A block's package name, canonical (PEP 503)."""
+    return re.sub(r"[-_.]+", "-", re.split(r"[=;\s]", block, maxsplit=1)[0]).lower()
+
+
+def pin(block: str) -> str:
+    """A block's `name==version`, without its marker or hashes."""
+    return block.split(" ", 1)[0].split(";", 1)[0].strip()
+
+
+def compile_(uv: str, extras: list[str], constraints: list[str], output: Path, seed: list[Path],
+             upgrade: bool) -> list[str]:
+    """`uv pip compile` of the project with `extras` under `constraints`; its blocks, comments dropped.
+    Unless `upgrade`, the files in `seed` are uv's preferences (the pins kept)."""
+    pins = output.with_suffix(".constraints")
+    pins.write_text("".join(c + "\n" for c in constraints))
+    if not upgrade:
+        output.write_text("".join(p.read_text() for p in seed if p.exists()))
+    cmd = [uv, "pip", "compile", "pyproject.toml", *(a for e in extras for a in ("--extra", e)), "--generate-hashes",
+           "--python-version", "3.11", "--python-platform", "x86_64-manylinux_2_28",
+           "--index-url", "https://pypi.org/simple", "--quiet", "--no-header", "--annotation-style", "line",
+           "-c", str(pins), "-o", str(output)] + (["--upgrade"] if upgrade else [])
+    subprocess.run(cmd, cwd=ROOT, check=True)
+    return [re.sub(r"\n    # via.*", "", p) for p in blocks(output.read_text())]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--upgrade", action="store_true", help="newest versions pyproject.toml allows")
     parser.add_argument("--uv", default="uv")
     args = parser.parse_args()
     main_lock, cuda_lock = ROOT / "requirements.lock", ROOT / "requirements-cuda.lock"
+    harness_lock = ROOT / "requirements-harness.lock"
     with tempfile.TemporaryDirectory() as tmp:
-        constraints, compiled = Path(tmp) / "torch.txt", Path(tmp) / "all.txt"
-        constraints.write_text(TORCH + "\n")
-        if not args.upgrade:  # seed uv's preferences with the current pins
-            compiled.write_text("".join(p.read_text() for p in (cuda_lock, main_lock) if p.exists()))
-        cmd = [args.uv, "pip", "compile", "pyproject.toml", "--extra", "dev", "--generate-hashes",
-               "--python-version", "3.11", "--python-platform", "x86_64-manylinux_2_28",
-               "--index-url", "https://pypi.org/simple", "--quiet", "--no-header", "--annotation-style", "line",
-               "-c", str(constraints), "-o", str(compiled)] + (["--upgrade"] if args.upgrade else [])
-        subprocess.run(cmd, cwd=ROOT, check=True)
-        parts = blocks(compiled.read_text())
-    parts = [re.sub(r"\n    # via.*", "", p) for p in parts]
+        parts = compile_(args.uv, ["dev"], [TORCH], Path(tmp) / "all.txt", [cuda_lock, main_lock], args.upgrade)
+        # The harness on top: every pin above is a constraint, so the two resolutions agree.
+        locked = {name(p): pin(p) for p in parts}
+        with_harness = compile_(args.uv, ["dev", "harness"], sorted(locked.values()), Path(tmp) / "harness.txt",
+                                [cuda_lock, main_lock, harness_lock], args.upgrade)
+    changed = [pin(p) for p in with_harness if name(p) in locked and pin(p) != locked[name(p)]]
+    if changed:  # cannot happen under the constraints; a guard against a uv that ignores them
+        raise SystemExit(f"the harness extra moved pins of requirements.lock: {changed}")
+    harness = [p for p in with_harness if name(p) not in locked]
     cuda = [p for p in parts if CUDA_STACK.match(p)]
     rest = [p for p in parts if not CUDA_STACK.match(p)]
     cuda_lock.write_text(HEADER.format(what="torch and its CUDA stack, for the Docker image") + "".join(cuda))
     main_lock.write_text(HEADER.format(what="every other dependency, for make venv and the image") + "".join(rest))
-    print(f"{main_lock.name}: {len(rest)} packages; {cuda_lock.name}: {len(cuda)} packages")
+    harness_lock.write_text(HEADER.format(what="what the harness extra adds to requirements.lock, for make venv "
+                                          "only (tests/harness.py), never the image") + "".join(harness))
+    print(f"{main_lock.name}: {len(rest)} packages; {cuda_lock.name}: {len(cuda)} packages; "
+          f"{harness_lock.name}: {len(harness)} packages")
     return 0
 
 

@@ -7,7 +7,6 @@ the config file first, then in the current folder, and stored absolute.
 
 from __future__ import annotations
 
-import difflib
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from .config_keys import Reader, kind, reject_unknown
 from .errors import ConfigError
 from .scoring import RULES
 from .settings import DEMO_BASE
@@ -25,11 +25,16 @@ RESERVED_VARIANTS = ("base", "__base__")
 ADAPTER_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 #: The version of the stored config's shape (`RunConfig.to_dict`). Bump it when a key is added or its
 #: meaning changes: a worker that meets a newer version fails the chunk and says to upgrade.
-CONFIG_VERSION = 1
+CONFIG_VERSION = 2  # 2: `task` and the log-likelihood dataset keys
 #: The stored config's key for that version (not a YAML key: users never write it).
 VERSION_KEY = "config_version"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 MATCHES = tuple(RULES)
+#: What a run does with each row: generate an answer (the default), score answer choices by their
+#: log-likelihood, or measure a text's perplexity (DESIGN.md, "Log-likelihood tasks").
+TASKS = ("generate", "choice", "perplexity")
+#: The tasks scored by log-likelihood instead of generated.
+LOGLIK_TASKS = ("choice", "perplexity")
 
 
 @dataclass(frozen=True)
@@ -47,11 +52,18 @@ class ModelConfig:
 @dataclass(frozen=True)
 class DatasetConfig:
     path: str
-    prompt: str
+    prompt: str  # generate: the prompt; choice: the context; perplexity: unused ("")
     reference: str | None = None
     system_prompt: str | None = None
-    chat_template: bool = True
+    chat_template: bool = True  # default false for choice and perplexity (as in lm-evaluation-harness)
     limit: int | None = None
+    #: choice: one template rendering a list (a field holding one), or one template per choice
+    choices: str | tuple[str, ...] | None = None
+    answer: str | None = None  # choice: the gold answer (0-based index, letter, or the choice's text)
+    #: choice: put between the context and each choice; None: the harness's, one space, or nothing when the
+    #: context is wrapped in the chat template (its generation prompt ends the context)
+    target_delimiter: str | None = None
+    text: str | None = None  # perplexity: the document
 
 
 @dataclass(frozen=True)
@@ -87,12 +99,34 @@ class RunConfig:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    task: str = "generate"  # one of TASKS
+
+    @property
+    def choice_delimiter(self) -> str:
+        """What goes between a choice run's context and each choice (`dataset.target_delimiter`)."""
+        d = self.dataset
+        if d.target_delimiter is not None:
+            return d.target_delimiter
+        return "" if d.chat_template else " "
+
+    @property
+    def loglik(self) -> bool:
+        """Scored by log-likelihood (choice, perplexity) rather than generated."""
+        return self.task in LOGLIK_TASKS
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able dict; `from_dict(to_dict())` gives the same config back."""
         data = asdict(self)
         data["model"]["adapters"] = {name: path for name, path in self.model.adapters}
         data["generation"]["stop"] = list(self.generation.stop)
+        if isinstance(self.dataset.choices, tuple):
+            data["dataset"]["choices"] = list(self.dataset.choices)
+        for key in _TASK_SPECIFIC:  # only the dataset keys of this task (an older reader knows no others)
+            if key not in _TASK_KEYS[self.task]:
+                del data["dataset"][key]
+        if self.task != "generate":
+            data["task"] = self.task
+            del data["generation"], data["scoring"]
         data[VERSION_KEY] = CONFIG_VERSION
         return data
 
@@ -102,7 +136,7 @@ class RunConfig:
         data = dict(data)
         version = data.pop(VERSION_KEY, 1)
         if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-            raise ConfigError(f"{source}: '{VERSION_KEY}' must be a positive integer, got {_kind(version)}")
+            raise ConfigError(f"{source}: '{VERSION_KEY}' must be a positive integer, got {kind(version)}")
         if version > CONFIG_VERSION:
             raise ConfigError(f"{source}: config version {version} was written by a newer lora-compare (this one "
                               f"reads up to version {CONFIG_VERSION}); upgrade lora-compare here")
@@ -138,100 +172,17 @@ def load_config(path: str | Path) -> RunConfig:
 
 _SECTIONS: dict[str, tuple[str, ...]] = {
     "model": ("base", "adapters", "dtype", "trust_remote_code"),
-    "dataset": ("path", "prompt", "reference", "system_prompt", "chat_template", "limit"),
+    "dataset": ("path", "prompt", "reference", "system_prompt", "chat_template", "limit", "choices", "answer",
+                "target_delimiter", "text"),
     "generation": ("max_new_tokens", "do_sample", "temperature", "top_p", "seed", "stop"),
     "inference": ("batch_size", "chunk_size", "use_peft_directly"),
     "scoring": ("extract", "match", "normalize", "tolerance"),
 }
-_TOP = ("name", *_SECTIONS)
+_TOP = ("name", "task", *_SECTIONS)
 
 
-class _Reader:
-    """Reads typed values out of one section, naming `file: key 'section.key'` in every error."""
-
-    def __init__(self, source: str, section: str, data: Any) -> None:
-        self.source, self.section = source, section
-        if data is None:
-            data = {}
-        if not isinstance(data, dict):
-            raise self.error(None, f"must be a mapping, got {_kind(data)}")
-        _reject_unknown(source, section, data, _SECTIONS[section])
-        self.data = data
-
-    def error(self, key: str | None, message: str) -> ConfigError:
-        name = f"{self.section}.{key}" if key else self.section
-        return ConfigError(f"{self.source}: key '{name}' {message}")
-
-    def has(self, key: str) -> bool:
-        return key in self.data and self.data[key] is not None
-
-    def string(self, key: str, default: str | None = None, *, required: bool = False) -> str | None:
-        if not self.has(key):
-            if required:
-                raise self.error(key, "is required")
-            return default
-        value = self.data[key]
-        if not isinstance(value, str):
-            raise self.error(key, f"must be a string, got {_kind(value)}")
-        if required and not value.strip():
-            raise self.error(key, "must not be empty")
-        return value
-
-    def boolean(self, key: str, default: bool) -> bool:
-        if not self.has(key):
-            return default
-        value = self.data[key]
-        if not isinstance(value, bool):
-            raise self.error(key, f"must be true or false, got {_kind(value)}")
-        return value
-
-    def integer(self, key: str, default: int | None, *, minimum: int) -> int | None:
-        if not self.has(key):
-            return default
-        value = self.data[key]
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise self.error(key, f"must be an integer, got {_kind(value)}")
-        if value < minimum:
-            raise self.error(key, f"must be at least {minimum}, got {value}")
-        return value
-
-    def number(self, key: str, default: float, *, low: float, high: float, low_open: bool = False) -> float:
-        if not self.has(key):
-            return default
-        value = self.data[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise self.error(key, f"must be a number, got {_kind(value)}")
-        if value < low or value > high or (low_open and value == low):
-            bracket = "(" if low_open else "["
-            raise self.error(key, f"must be in {bracket}{low}, {high}], got {value}")
-        return float(value)
-
-    def choice(self, key: str, default: str, choices: tuple[str, ...]) -> str:
-        value = self.string(key, default)
-        assert value is not None
-        if value not in choices:
-            raise self.error(key, f"must be one of {', '.join(choices)}; got '{value}'")
-        return value
-
-
-def _kind(value: Any) -> str:
-    if value is None:
-        return "nothing"
-    if isinstance(value, bool):
-        return f"boolean {str(value).lower()}"
-    if isinstance(value, (int, float, str)):
-        return f"{type(value).__name__} {value!r}"
-    return {"dict": "a mapping", "list": "a list"}.get(type(value).__name__, type(value).__name__)
-
-
-def _reject_unknown(source: str, section: str | None, data: dict[Any, Any], known: tuple[str, ...]) -> None:
-    for key in data:
-        if key in known:
-            continue
-        name = f"{section}.{key}" if section else str(key)
-        hint = difflib.get_close_matches(str(key), known, n=1)
-        suggestion = f"; did you mean '{hint[0]}'?" if hint else f" (known: {', '.join(known)})"
-        raise ConfigError(f"{source}: unknown key '{name}'{suggestion}")
+def _reader(source: str, section: str, data: dict[str, Any]) -> Reader:
+    return Reader(source, section, data.get(section), _SECTIONS[section])
 
 
 def _resolve(source: str, key: str, value: str, base_dir: Path | None) -> str:
@@ -246,16 +197,16 @@ def _resolve(source: str, key: str, value: str, base_dir: Path | None) -> str:
 
 
 def _parse(data: dict[str, Any], *, source: str, base_dir: Path | None) -> RunConfig:
-    _reject_unknown(source, None, data, _TOP)
+    reject_unknown(source, None, data, _TOP)
     name = data.get("name")
     if not isinstance(name, str) or not name.strip():
-        raise ConfigError(f"{source}: key 'name' must be a non-empty string, got {_kind(name)}")
+        raise ConfigError(f"{source}: key 'name' must be a non-empty string, got {kind(name)}")
 
     if "model" not in data:
         raise ConfigError(f"{source}: key 'model' is required")
     if "dataset" not in data:
         raise ConfigError(f"{source}: key 'dataset' is required")
-    m = _Reader(source, "model", data.get("model"))
+    m = _reader(source, "model", data)
     base = m.string("base", required=True)
     assert base is not None
     if base != DEMO_BASE:
@@ -268,26 +219,24 @@ def _parse(data: dict[str, Any], *, source: str, base_dir: Path | None) -> RunCo
         trust_remote_code=m.boolean("trust_remote_code", False),
     )
 
-    d = _Reader(source, "dataset", data.get("dataset"))
-    dataset_path = d.string("path", required=True)
-    assert dataset_path is not None
-    dataset = DatasetConfig(
-        path=_resolve(source, "dataset.path", dataset_path, base_dir),
-        prompt=d.string("prompt", required=True) or "",
-        reference=d.string("reference"),
-        system_prompt=d.string("system_prompt"),
-        chat_template=d.boolean("chat_template", True),
-        limit=d.integer("limit", None, minimum=1),
-    )
+    task = data.get("task", "generate")
+    if task not in TASKS:
+        raise ConfigError(f"{source}: key 'task' must be one of {', '.join(TASKS)}; got {kind(task)}")
+    dataset = _dataset(_reader(source, "dataset", data), task, base_dir)
+    if task in LOGLIK_TASKS:
+        for section in ("generation", "scoring"):
+            if data.get(section) is not None:
+                raise ConfigError(f"{source}: key '{section}' does not apply to task: {task} (it scores by "
+                                  "log-likelihood and generates nothing); remove it")
 
-    g = _Reader(source, "generation", data.get("generation"))
+    g = _reader(source, "generation", data)
     stop = g.data.get("stop")
     if stop is None:
         stop = []
     if isinstance(stop, str):
         stop = [stop]
     if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
-        raise g.error("stop", f"must be a list of non-empty strings, got {_kind(stop)}")
+        raise g.error("stop", f"must be a list of non-empty strings, got {kind(stop)}")
     generation = GenerationConfig(
         max_new_tokens=g.integer("max_new_tokens", 64, minimum=1) or 64,
         do_sample=g.boolean("do_sample", False),
@@ -297,14 +246,14 @@ def _parse(data: dict[str, Any], *, source: str, base_dir: Path | None) -> RunCo
         stop=tuple(stop),
     )
 
-    i = _Reader(source, "inference", data.get("inference"))
+    i = _reader(source, "inference", data)
     inference = InferenceConfig(
         batch_size=i.integer("batch_size", 8, minimum=1) or 8,
         chunk_size=i.integer("chunk_size", 200, minimum=1) or 200,
         use_peft_directly=i.boolean("use_peft_directly", True),
     )
 
-    s = _Reader(source, "scoring", data.get("scoring"))
+    s = _reader(source, "scoring", data)
     extract = s.string("extract")
     if extract is not None:
         try:
@@ -318,17 +267,63 @@ def _parse(data: dict[str, Any], *, source: str, base_dir: Path | None) -> RunCo
         tolerance=s.number("tolerance", 0.0, low=0.0, high=float("inf")),
     )
 
-    return RunConfig(
-        name=name.strip(), model=model, dataset=dataset, generation=generation, inference=inference, scoring=scoring
+    return RunConfig(name=name.strip(), model=model, dataset=dataset, generation=generation, inference=inference,
+                     scoring=scoring, task=task)
+
+
+#: The dataset keys each task reads besides path, system_prompt, chat_template and limit (any other is refused).
+_TASK_KEYS = {"generate": ("prompt", "reference"), "choice": ("prompt", "choices", "answer", "target_delimiter"),
+              "perplexity": ("text",)}
+_TASK_SPECIFIC = ("prompt", "reference", "choices", "answer", "target_delimiter", "text")
+
+
+def _dataset(d: Reader, task: str, base_dir: Path | None) -> DatasetConfig:
+    for key in _TASK_SPECIFIC:
+        if d.has(key) and key not in _TASK_KEYS[task]:
+            raise d.error(key, f"does not apply to task: {task} (its keys: {', '.join(_TASK_KEYS[task])})")
+    if task == "perplexity":
+        if d.boolean("chat_template", False):
+            raise d.error("chat_template", "does not apply to task: perplexity (a document is scored as it is)")
+        if d.has("system_prompt"):
+            raise d.error("system_prompt", "does not apply to task: perplexity (a document is scored as it is)")
+    path = d.string("path", required=True)
+    assert path is not None
+    choices: str | tuple[str, ...] | None = None
+    if task == "choice":
+        raw = d.data.get("choices")
+        if raw is None:
+            raise d.error("choices", "is required for task: choice (a field holding a list, e.g. \"{{ options }}\", "
+                                     "or a list of templates, one per choice)")
+        if isinstance(raw, list):
+            if not raw or not all(isinstance(c, str) and c for c in raw):
+                raise d.error("choices", "must be a non-empty list of templates (non-empty strings)")
+            choices = tuple(raw)
+        else:
+            choices = d.string("choices", required=True)
+        d.string("answer", required=True)
+    delimiter = d.data.get("target_delimiter")
+    if delimiter is not None and not isinstance(delimiter, str):
+        raise d.error("target_delimiter", f"must be a string, got {kind(delimiter)}")
+    return DatasetConfig(
+        path=_resolve(d.source, "dataset.path", path, base_dir),
+        prompt=d.string("prompt", required=task != "perplexity") or "",
+        reference=d.string("reference"),
+        system_prompt=d.string("system_prompt"),
+        chat_template=d.boolean("chat_template", task == "generate"),
+        limit=d.integer("limit", None, minimum=1),
+        choices=choices,
+        answer=d.string("answer"),
+        target_delimiter=delimiter,
+        text=d.string("text", required=task == "perplexity"),
     )
 
 
-def _adapters(m: _Reader, base_dir: Path | None) -> tuple[tuple[str, str], ...]:
+def _adapters(m: Reader, base_dir: Path | None) -> tuple[tuple[str, str], ...]:
     raw = m.data.get("adapters")
     if not raw:
         raise m.error("adapters", "must name at least one adapter (name: folder)")
     if not isinstance(raw, dict):
-        raise m.error("adapters", f"must be a mapping of name to folder, got {_kind(raw)}")
+        raise m.error("adapters", f"must be a mapping of name to folder, got {kind(raw)}")
     adapters = []
     for name, folder in raw.items():
         if not isinstance(name, str):
@@ -340,6 +335,6 @@ def _adapters(m: _Reader, base_dir: Path | None) -> tuple[tuple[str, str], ...]:
                 f"adapters.{name}", "must be 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit"
             )
         if not isinstance(folder, str) or not folder.strip():
-            raise m.error(f"adapters.{name}", f"must be a folder path, got {_kind(folder)}")
+            raise m.error(f"adapters.{name}", f"must be a folder path, got {kind(folder)}")
         adapters.append((name, _resolve(m.source, f"model.adapters.{name}", folder, base_dir)))
     return tuple(adapters)

@@ -68,6 +68,7 @@ class FinishReason(_StrEnum):
     LENGTH = "length"  # max_new_tokens reached
     EMPTY_PROMPT = "empty_prompt"  # not generated: the prompt is empty
     PROMPT_TOO_LONG = "prompt_too_long"  # not generated: prompt + max_new_tokens exceed the model's positions
+    SCORED = "scored"  # not generated: a log-likelihood task scored the row (task: choice, perplexity)
 
 
 #: `runs.queue` of a run generated in the process that recorded it (`run`, `retry --here`): no broker

@@ -8,36 +8,19 @@ writers anyway), so two workers finishing the last two chunks at once cannot bot
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
 
-from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from .attempts import close_attempt, close_running_attempts, give_up_reason, open_attempt, record_attempt
 from .enums import AttemptOutcome, ChunkStatus, RunStatus
 from .leases import db_now, hold_lease, lease_is_live, lock_run, take_lease, takeover_note
+from .register import NewExample, NewVariant, chunk_bounds, create_run  # noqa: F401 - their import path before
 from .schema import MAX_ERROR_CHARS, Chunk, Example, Run, Variant, utcnow  # MAX_ERROR_CHARS: db.runs' too
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class NewExample:
-    """A validated dataset row, ready to store."""
-
-    idx: int
-    data: dict[str, Any]
-    prompt: str
-    reference: str | None
-
-
-@dataclass(frozen=True)
-class NewVariant:
-    name: str
-    adapter_path: str | None
-    adapter_hash: str | None
 
 
 @dataclass(frozen=True)
@@ -50,65 +33,6 @@ class ChunkClaim:
     start_idx: int
     end_idx: int
     token: int  # the lease's fencing token: every write of this claim carries it (db.leases)
-
-
-def chunk_bounds(n_examples: int, chunk_size: int) -> list[tuple[int, int]]:
-    """Contiguous [start, end) slices of at most `chunk_size` examples."""
-    return [(start, min(start + chunk_size, n_examples)) for start in range(0, n_examples, chunk_size)]
-
-
-def create_run(
-    session: Session,
-    *,
-    name: str,
-    config: dict[str, Any],
-    config_path: str | None,
-    base_model: str,
-    dataset_path: str,
-    dataset_sha256: str,
-    variants: Sequence[NewVariant],
-    examples: Sequence[NewExample],
-    chunk_size: int,
-    queue: str | None = None,
-) -> Run:
-    """Insert a run with its variants, examples and chunks (all `queued`)."""
-    bounds = chunk_bounds(len(examples), chunk_size)
-    run = Run(
-        name=name,
-        status=RunStatus.QUEUED,
-        config=config,
-        config_path=config_path,
-        base_model=base_model,
-        dataset_path=dataset_path,
-        dataset_sha256=dataset_sha256,
-        n_examples=len(examples),
-        n_chunks=len(bounds),
-        queue=queue,
-    )
-    session.add(run)
-    session.flush()  # assigns run.id
-    session.add_all(
-        Variant(run_id=run.id, name=v.name, position=i, adapter_path=v.adapter_path, adapter_hash=v.adapter_hash)
-        for i, v in enumerate(variants)
-    )
-    session.add_all(Chunk(run_id=run.id, id=i, start_idx=s, end_idx=e) for i, (s, e) in enumerate(bounds))
-    session.flush()
-    if examples:
-        session.execute(
-            insert(Example),
-            [
-                {
-                    "run_id": run.id,
-                    "idx": ex.idx,
-                    "chunk_id": ex.idx // chunk_size,
-                    "data": ex.data,
-                    "prompt": ex.prompt,
-                    "reference": ex.reference,
-                }
-                for ex in examples
-            ],
-        )
-    return run
 
 
 def get_run(session: Session, run_id: int) -> Run | None:
@@ -125,12 +49,13 @@ def run_variants(session: Session, run_id: int) -> list[Variant]:
     return list(session.scalars(select(Variant).where(Variant.run_id == run_id).order_by(Variant.position)))
 
 
-def chunk_prompts(session: Session, run_id: int, chunk_id: int) -> list[tuple[int, str, str | None]]:
-    """(idx, prompt, reference) of each example of a chunk, by index: what a worker needs of them, read
-    as plain rows (no ORM objects, no dataset row decoded)."""
-    stmt = (select(Example.idx, Example.prompt, Example.reference)
+def chunk_prompts(session: Session, run_id: int, chunk_id: int
+                  ) -> list[tuple[int, str, str | None, list[str] | None, int | None]]:
+    """(idx, prompt, reference, choices, answer_index) of each example of a chunk, by index: what a worker
+    needs of them, read as plain rows (no ORM objects, no dataset row decoded)."""
+    stmt = (select(Example.idx, Example.prompt, Example.reference, Example.choices, Example.answer_index)
             .where(Example.run_id == run_id, Example.chunk_id == chunk_id).order_by(Example.idx))
-    return [(idx, prompt, reference) for idx, prompt, reference in session.execute(stmt)]
+    return [tuple(row) for row in session.execute(stmt)]  # type: ignore[misc]
 
 
 def chunk_ids(session: Session, run_id: int, statuses: Iterable[ChunkStatus]) -> list[int]:

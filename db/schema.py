@@ -18,6 +18,7 @@ from sqlalchemy import (
     Boolean,
     CheckConstraint,
     DateTime,
+    Double,
     Float,
     ForeignKey,
     ForeignKeyConstraint,
@@ -99,6 +100,8 @@ class Example(Base):
     data: Mapped[dict] = mapped_column(JSON)
     prompt: Mapped[str] = mapped_column(Text)
     reference: Mapped[str | None] = mapped_column(Text)
+    choices: Mapped[list | None] = mapped_column(JSON(none_as_null=True))  # task choice: the rendered choices, in order
+    answer_index: Mapped[int | None] = mapped_column(Integer)  # task choice: the gold choice's index
 
     __table_args__ = (Index("ix_examples_run_chunk", "run_id", "chunk_id"),)
 
@@ -210,4 +213,28 @@ class Generation(Base):
         ForeignKeyConstraint(
             ["run_id", "example_idx"], ["examples.run_id", "examples.idx"], ondelete="CASCADE"
         ),
+    )
+
+
+class Loglikelihood(Base):
+    """A log-likelihood task's scores (migration 0008). Task choice: one row per answer choice of each
+    (example, variant), `choice_idx` its position; task perplexity: one row per (example, variant),
+    `choice_idx` 0, for the whole document. Written with its `generations` row, in one transaction."""
+
+    __tablename__ = "loglikelihoods"
+
+    run_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    example_idx: Mapped[int] = mapped_column(Integer, primary_key=True)
+    variant: Mapped[str] = mapped_column(String(200), primary_key=True)
+    choice_idx: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    logprob: Mapped[float] = mapped_column(Double)  # sum of the scored tokens' natural-log probabilities
+    tokens: Mapped[int] = mapped_column(Integer)  # tokens scored (the choice's continuation; the whole document)
+    bytes: Mapped[int] = mapped_column(Integer)  # UTF-8 bytes of the choice's text / of the document
+    chars: Mapped[int] = mapped_column(Integer)  # characters of the same (acc_norm divides by these)
+    words: Mapped[int | None] = mapped_column(Integer)  # perplexity: the document's words (null for choices)
+    greedy: Mapped[bool | None] = mapped_column(Boolean)  # choice: every token of the choice is the argmax
+
+    __table_args__ = (
+        ForeignKeyConstraint(["run_id", "example_idx"], ["examples.run_id", "examples.idx"], ondelete="CASCADE",
+                             name="fk_loglikelihoods_example"),
     )

@@ -1,5 +1,6 @@
-"""The public views `outputs` and `comparisons`. Their columns are a stable contract (see DESIGN.md);
-change them only by adding.
+"""The public views `outputs` and `comparisons` (their columns are a stable contract, see DESIGN.md), and
+`choice_scores` and `document_scores` (log-likelihood tasks, documented in docs/sql.md); change them
+only by adding.
 
 Their SQL lives in the migrations that create or replace them (0001, then 0005 on SQLite, which
 rebuilds the tables under them), frozen there: a new definition means a new migration.
@@ -16,5 +17,14 @@ VIEW_COLUMNS = {
     "comparisons": [
         "run_id", "example_idx", "variant", "prompt", "reference", "base_output", "output",
         "base_prediction", "prediction", "base_correct", "correct",
+    ],
+    # Log-likelihood tasks (migration 0008): each choice's / document's scores, the base model's beside them.
+    "choice_scores": [
+        "run_id", "example_idx", "variant", "choice_idx", "choice", "is_gold", "logprob", "tokens", "bytes",
+        "chars", "greedy", "base_logprob", "delta_logprob",
+    ],
+    "document_scores": [
+        "run_id", "example_idx", "variant", "nll", "tokens", "bytes", "words", "bits_per_byte", "base_nll",
+        "delta_nll", "base_bits_per_byte", "delta_bits_per_byte",
     ],
 }

@@ -1,18 +1,21 @@
 """Reports: per-variant scores with Wilson intervals, and paired comparisons against a baseline.
 
 Built from the side-by-side records of `db.outputs.side_by_side`; `compare` pairs two variants
-that may come from two runs on the same dataset. The JSON shape is a public contract.
+that may come from two runs on the same dataset. The JSON shape is a public contract. A choice or
+perplexity run's figures come from its stored scores (`producer.loglik_report`): for choice, the
+scores and paired statistics here are those of `acc`, computed from the scores.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from db.enums import BASE_VARIANT
 from db.outputs import SideBySide, VariantCell
 
+from .loglik_report import ChoiceComparison, LoglikReport, PerplexityComparison, Task
 from .stats import mcnemar_exact, paired_bootstrap, wilson
 
 Records = Sequence[SideBySide]
@@ -84,6 +87,7 @@ class Report:
     rows_per_s: float | None = None
     tokens_per_s: float | None = None
     verified: dict[str, Verified] = field(default_factory=dict)  # variant -> its latest verification, if any
+    loglik: LoglikReport | None = None  # a choice or perplexity run's figures
 
     def to_json(self) -> dict[str, Any]:
         variants = []
@@ -91,8 +95,15 @@ class Report:
             data = v.to_json()
             if v.variant in self.verified:
                 data["verified"] = self.verified[v.variant].to_json()
+            if self.loglik:
+                data.update(self.loglik.variant_json(v.variant))
             variants.append(data)
-        return {"run_id": self.run_id, "variants": variants, "comparisons": [c.to_json() for c in self.comparisons]}
+        comparisons = [c.to_json() | (self.loglik.comparison_json(c.variant) if self.loglik else {})
+                       for c in self.comparisons]
+        if self.loglik is None:
+            return {"run_id": self.run_id, "variants": variants, "comparisons": comparisons}
+        return {"run_id": self.run_id, "task": self.loglik.task.value, "variants": variants,
+                "comparisons": comparisons}
 
 
 def _cells(records: Records, variant: str) -> dict[int, VariantCell]:
@@ -131,23 +142,53 @@ def compare_cells(baseline: Mapping[int, VariantCell], candidate: Mapping[int, V
 
 
 def build_report(run_id: int, records: Records, variants: Sequence[str], *, elapsed_s: float | None = None,
-                 verified: Mapping[str, Verified] | None = None) -> Report:
+                 verified: Mapping[str, Verified] | None = None, loglik: LoglikReport | None = None) -> Report:
     stats = [variant_stats(records, v) for v in variants]
     base = _cells(records, BASE_VARIANT)
     comparisons = [compare_cells(base, _cells(records, v), baseline_name=BASE_VARIANT, candidate_name=v)
                    for v in variants if v != BASE_VARIANT]
+    if loglik is not None:
+        stats, comparisons = _with_loglik(loglik, stats, comparisons)
     rows = sum(s.rows for s in stats)
     tokens = sum(sum(s.lengths) for s in stats)
     rate = rows / elapsed_s if elapsed_s else None
     token_rate = tokens / elapsed_s if elapsed_s else None
     return Report(run_id, stats, comparisons, any(s.n for s in stats), rate, token_rate,
-                  {v: verified[v] for v in variants if v in verified} if verified else {})
+                  {v: verified[v] for v in variants if v in verified} if verified else {}, loglik)
+
+
+def _with_loglik(loglik: LoglikReport, stats: list[VariantStats], comparisons: list[Comparison]
+                 ) -> tuple[list[VariantStats], list[Comparison]]:
+    """A choice run's scores and paired statistics are its `acc`'s (from the stored scores, so they
+    agree with `acc_norm`'s by construction); a perplexity run has none, and no answers to change."""
+    if loglik.task is Task.PERPLEXITY:
+        return stats, [with_scores(c, loglik.perplexity_comparisons[c.variant]) for c in comparisons]
+    new_stats = []
+    for s in stats:
+        acc = loglik.choice[s.variant].acc
+        new_stats.append(replace(s, n=acc.n, correct=acc.correct, accuracy=acc.value, ci_low=acc.ci_low,
+                                 ci_high=acc.ci_high))
+    return new_stats, [with_scores(c, loglik.choice_comparisons[c.variant]) for c in comparisons]
+
+
+def with_scores(comparison: Comparison, scored: ChoiceComparison | PerplexityComparison) -> Comparison:
+    """`comparison` with the paired statistics of the stored scores: `acc`'s for choice; none for
+    perplexity (nothing is right or wrong, and there is no answer to change)."""
+    if isinstance(scored, PerplexityComparison):
+        return replace(comparison, changed=None)
+    a = scored.acc
+    return replace(comparison, scored=scored.examples, wins=a.wins, losses=a.losses, ties=a.ties,
+                   mcnemar_p=a.mcnemar_p, delta=a.delta, delta_ci_low=a.delta_ci_low, delta_ci_high=a.delta_ci_high,
+                   changed=scored.changed)
 
 
 def compare_runs(records_a: Records, variant_a: str, records_b: Records, variant_b: str, *, run_a: int,
-                 run_b: int) -> Comparison:
-    return compare_cells(_cells(records_a, variant_a), _cells(records_b, variant_b),
-                         baseline_name=f"{run_a}:{variant_a}", candidate_name=f"{run_b}:{variant_b}")
+                 run_b: int, scored: ChoiceComparison | PerplexityComparison | None = None) -> Comparison:
+    """`variant_b` of run B against `variant_a` of run A; `scored`: the same pair's comparison from
+    their stored scores (two choice or two perplexity runs), whose statistics then replace these."""
+    comparison = compare_cells(_cells(records_a, variant_a), _cells(records_b, variant_b),
+                               baseline_name=f"{run_a}:{variant_a}", candidate_name=f"{run_b}:{variant_b}")
+    return comparison if scored is None else with_scores(comparison, scored)
 
 
 # --- text -----------------------------------------------------------------------------------------
@@ -205,3 +246,62 @@ def variant_rows(report: Report) -> tuple[list[str], list[list[Any]]]:
              "-" if s.ci_low is None else f"[{s.ci_low:.1%}, {s.ci_high:.1%}]",
              "-" if s.mean_tokens is None else f"{s.mean_tokens:.1f}"] for s in report.variants]
     return columns, rows
+
+
+Table = tuple[list[str], list[list[Any]]]
+
+
+def _ci(low: float | None, high: float | None, spec: str) -> str:
+    return "-" if low is None or high is None else f"[{low:{spec}}, {high:{spec}}]"
+
+
+def _num(value: float | None, spec: str) -> str:
+    return "-" if value is None else f"{value:{spec}}"
+
+
+def choice_comparison_tables(comparisons: Sequence[ChoiceComparison]) -> list[Table]:
+    """acc and acc_norm paired against the baseline; the gold answer's log-probability change."""
+    paired = (["variant", "vs", "metric", "wins", "losses", "ties", "McNemar p", "delta", "95% CI"],
+              [[c.variant, c.baseline, metric, p.wins, p.losses, p.ties, _p(p.mcnemar_p), _num(p.delta, "+.1%"),
+                _ci(p.delta_ci_low, p.delta_ci_high, "+.1%")]
+               for c in comparisons for metric, p in (("acc", c.acc), ("acc_norm", c.acc_norm))])
+    gold = (["variant", "vs", "examples", "answers changed", "gold logprob delta", "95% CI"],
+            [[c.variant, c.baseline, c.examples, _pct(c.changed), _num(c.gold_logprob_delta, "+.4f"),
+              _ci(c.gold_logprob_delta_ci_low, c.gold_logprob_delta_ci_high, "+.4f")] for c in comparisons])
+    return [paired, gold]
+
+
+def perplexity_comparison_table(comparisons: Sequence[PerplexityComparison]) -> Table:
+    """The change in bits per byte against the baseline, with the documents that got better or worse."""
+    return (["variant", "vs", "documents", "better", "worse", "bits per byte delta", "95% CI"],
+            [[c.variant, c.baseline, c.documents, c.better, c.worse, _num(c.bits_per_byte_delta, "+.4f"),
+              _ci(c.bits_per_byte_delta_ci_low, c.bits_per_byte_delta_ci_high, "+.4f")] for c in comparisons])
+
+
+def choice_tables(report: Report, loglik: LoglikReport) -> list[Table]:
+    """A choice run: acc and acc_norm per variant, then each adapter against base."""
+    variants = (["variant", "rows", "acc", "95% CI", "acc_norm", "95% CI"],
+                [[s.variant, s.rows, f"{_pct(c.acc.value)} ({c.acc.correct}/{c.acc.n})", _ci(c.acc.ci_low,
+                  c.acc.ci_high, ".1%"), f"{_pct(c.acc_norm.value)} ({c.acc_norm.correct}/{c.acc_norm.n})",
+                  _ci(c.acc_norm.ci_low, c.acc_norm.ci_high, ".1%")]
+                 for s in report.variants for c in [loglik.choice[s.variant]]])
+    comparisons = [loglik.choice_comparisons[c.variant] for c in report.comparisons]
+    return [variants, *choice_comparison_tables(comparisons)] if comparisons else [variants]
+
+
+def perplexity_tables(report: Report, loglik: LoglikReport) -> list[Table]:
+    """A perplexity run: the harness's three figures per variant, then each adapter's change in bits per byte."""
+    variants = (["variant", "documents", "word perplexity", "byte perplexity", "bits per byte"],
+                [[p.variant, p.documents, _num(p.word_perplexity, ".4f"), _num(p.byte_perplexity, ".4f"),
+                  _num(p.bits_per_byte, ".4f")] for s in report.variants for p in [loglik.perplexity[s.variant]]])
+    comparisons = [loglik.perplexity_comparisons[c.variant] for c in report.comparisons]
+    return [variants, perplexity_comparison_table(comparisons)] if comparisons else [variants]
+
+
+def report_tables(report: Report) -> list[Table]:
+    """The tables `lora-compare report` prints, in order, for the run's task."""
+    if report.loglik is None:
+        return [variant_rows(report)] + ([comparison_rows(report.comparisons)] if report.comparisons else [])
+    if report.loglik.task is Task.CHOICE:
+        return choice_tables(report, report.loglik)
+    return perplexity_tables(report, report.loglik)

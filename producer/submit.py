@@ -20,7 +20,7 @@ from db.enums import BASE_VARIANT
 from db.runs import NewExample, NewVariant, create_run
 
 from .dataset import file_sha256, read_rows
-from .templates import RowTemplate, render_row
+from .tasks import TaskTemplates
 
 log = logging.getLogger(__name__)
 
@@ -47,17 +47,8 @@ def prepare_run(config_path: str | Path, settings: Settings, *, require_base: bo
     """
     config = load_config(config_path)
     source = str(config_path)
-    try:
-        prompt = RowTemplate("dataset.prompt", config.dataset.prompt)
-        reference = RowTemplate("dataset.reference", config.dataset.reference) if config.dataset.reference else None
-    except ConfigError as err:
-        raise ConfigError(f"{source}: {err}") from None
-
-    rows = read_rows(config.dataset.path, limit=config.dataset.limit)
-    examples = []
-    for row in rows:
-        text, ref = render_row(prompt, reference, row)
-        examples.append(NewExample(idx=row.idx, data=row.data, prompt=text, reference=ref))
+    templates = TaskTemplates.compile(config, source)
+    examples = [templates.example(row) for row in read_rows(config.dataset.path, limit=config.dataset.limit)]
 
     _check_model_roots(config, settings, source)
     adapters = [inspect_adapter(name, folder) for name, folder in config.model.adapters]

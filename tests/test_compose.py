@@ -175,8 +175,20 @@ def test_the_locks_pin_every_dependency_once_with_hashes() -> None:
     wanted = {_canonical(re.split(r"[<>=!\[ ]", spec)[0]) for spec in re.findall(r'"([A-Za-z][^"]*)"', project)
               if not spec.startswith(("Apache",))}
     assert {"torch", "transformers", "peft", "celery", "pytest", "mypy"} <= wanted
-    assert wanted <= set(main) | set(cuda), f"not locked: {wanted - set(main) - set(cuda)}"
+    locked = set(main) | set(cuda) | set(_lock("requirements-harness.lock"))  # the harness extra's own lock
+    assert wanted <= locked, f"not locked: {wanted - locked}"
     assert "setuptools" in main  # the editable install builds without isolation, from the lock
+
+
+def test_the_harness_lock_adds_to_the_others_and_changes_none_of_their_pins() -> None:
+    """requirements-harness.lock: lm-eval and what it needs beyond requirements.lock, resolved with it
+    (.ci/lock.py), so `make venv` installs it on top with --no-deps and pip check passes."""
+    harness = _lock("requirements-harness.lock")
+    assert not set(harness) & (set(_lock("requirements.lock")) | set(_lock("requirements-cuda.lock")))
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    pinned = re.search(r'^harness = \["lm-eval\[hf\]==([0-9.]+)"\]', pyproject, re.M)
+    assert pinned and harness["lm-eval"] == pinned.group(1)
+    assert {"datasets", "evaluate", "scikit-learn"} <= set(harness)
 
 
 def test_one_torch_version_everywhere() -> None:
@@ -200,10 +212,14 @@ def test_the_venv_and_the_image_install_the_locks_before_the_source() -> None:
     project = next(i for i in installs if i > source)
     assert "-e ." in lines[project] and "pip check" in lines[project]
     makefile = (ROOT / "Makefile").read_text()
-    assert "$(STAMP): pyproject.toml requirements.lock\n" in makefile
+    assert "$(STAMP): pyproject.toml requirements.lock requirements-harness.lock\n" in makefile
     recipe = makefile[makefile.index("$(STAMP):"):makefile.index("touch $(STAMP)")]
     assert recipe.index("--no-deps --require-hashes -r requirements.lock") < recipe.index("$(TORCH)")
     assert "--no-deps --no-build-isolation -e '.[dev]'" in recipe and "pip check" in recipe
+    # the harness (tests only) after the project, checked with the rest; the image never installs it
+    assert recipe.index("-e '.[dev]'") < recipe.index("--no-deps --require-hashes -r requirements-harness.lock") \
+        < recipe.index("pip check")
+    assert "requirements-harness" not in (ROOT / "Dockerfile").read_text()
     assert not (ROOT / ".dockerignore").read_text().count("\ndocker\n")  # docker/wheels/ reaches the build
 
 

@@ -1,6 +1,8 @@
 """Every SQL example of the README and the docs runs on SQLite and on PostgreSQL (issue 14: the
 README's `avg(correct)` failed on PostgreSQL). The examples run as `lora-compare sql` runs them
-(db.readonly), against a run with scored outputs; run 1 is the first run of a fresh database."""
+(db.readonly), against a run with scored outputs; run 1 is the first run of a fresh database. The
+examples of the log-likelihood tasks' tables and views also run against a stored run of their task
+(tests/loglik_runs.py), where each must return rows."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from db.migrate import upgrade
 from db.readonly import run_readonly
 from db.runs import NewExample, NewVariant, create_run
 from tests.fake_generator import FakeGenerator, fake_adapter_hash
+from tests.loglik_runs import store_choice_run, store_perplexity_run
 from worker.chunk import Processed, process_chunk
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,6 +64,32 @@ def _scored_run(url: str) -> None:
     engine.dispose()
 
 
+#: Where an example reads a log-likelihood task's rows: the task whose run it is checked on.
+_LOGLIK = {"document_scores": "perplexity", "choice_scores": "choice", "answer_index": "choice",
+           "loglikelihoods": "choice"}
+
+
+def _loglik_task(query: str) -> str | None:
+    return next((task for name, task in _LOGLIK.items() if name in query), None)
+
+
+def test_the_loglik_examples_return_rows_on_a_run_of_their_task(any_db_url: str) -> None:
+    _scored_run(any_db_url)
+    engine = make_engine(any_db_url)
+    sessions = session_factory(engine)
+    runs = {"choice": store_choice_run(sessions), "perplexity": store_perplexity_run(sessions)}
+    engine.dispose()
+    checked = {task: 0 for task in runs}
+    for where, query in examples():
+        task = _loglik_task(query)
+        if task is None or "run_id = 1" not in query:
+            continue
+        result = run_readonly(any_db_url, query.replace("run_id = 1", f"run_id = {runs[task]}"))
+        assert result.rows, f"{where}: {query[:80]}... returned nothing on a {task} run"
+        checked[task] += 1
+    assert checked["choice"] >= 4 and checked["perplexity"] >= 2, checked
+
+
 def test_every_sql_example_runs_on_both_backends(any_db_url: str) -> None:
     _scored_run(any_db_url)
     failures = []
@@ -70,7 +99,7 @@ def test_every_sql_example_runs_on_both_backends(any_db_url: str) -> None:
         except Exception as err:  # noqa: BLE001 - collect them all, then say which
             failures.append(f"{where}: {query[:80]}...: {' '.join(str(err).split())[:160]}")
             continue
-        if "run_id = 1" in query and "count(*)" in query.replace("COUNT", "count"):
+        if "run_id = 1" in query and "count(*)" in query.replace("COUNT", "count") and _loglik_task(query) is None:
             assert result.rows, f"{where}: {query} returned nothing"
     assert not failures, "\n".join(failures)
 

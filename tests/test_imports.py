@@ -57,7 +57,7 @@ def test_the_task_queue_and_sql_path_of_a_worker_loads_no_model_library() -> Non
     it loads when a worker builds its model host (`worker.runner.load_host`), so a worker over another
     `ChunkGenerator` (bench/control_plane.py's simulated workers) stays small."""
     statement = ("import worker.runner, worker.tasks, worker.app, worker.chunk, worker.lease, worker.planner, "
-                 "worker.generated, producer.cli.embedded")
+                 "worker.generated, worker.windows, worker.harness_encoding, producer.cli.embedded")
     assert _imported_after(statement) == []
 
 

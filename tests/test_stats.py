@@ -6,7 +6,8 @@ import math
 
 import pytest
 
-from producer.stats import mcnemar_exact, paired_bootstrap, wilson
+from producer import stats
+from producer.stats import bootstrap_mean, bootstrap_ratio_delta, mcnemar_exact, paired_bootstrap, wilson
 
 
 @pytest.mark.parametrize(
@@ -66,3 +67,17 @@ def test_bootstrap_is_reproducible_and_sensible() -> None:
     assert low == pytest.approx(delta - half, abs=0.02) and high == pytest.approx(delta + half, abs=0.02)
     assert paired_bootstrap(0, 0, 50) == (0.0, 0.0, 0.0)
     assert paired_bootstrap(0, 0, 0) == (0.0, 0.0, 0.0)
+
+
+def test_the_bootstraps_draw_the_same_in_batches_as_in_one_go(monkeypatch: pytest.MonkeyPatch) -> None:
+    values = [0.5, 0.0, -0.2, 1.3, 0.7, -0.4, 0.1]
+    weights = [13, 13, 11, 40, 2, 7, 9]
+    other = [v * 2 - 0.1 for v in values]
+    whole = bootstrap_mean(values), bootstrap_ratio_delta(values, other, weights)
+    monkeypatch.setattr(stats, "_BOOTSTRAP_CELLS", 5 * len(values) + 3)  # batches of 5 resamples, then the rest
+    assert (bootstrap_mean(values), bootstrap_ratio_delta(values, other, weights)) == whole
+    mean, low, high = whole[0]
+    assert mean == pytest.approx(sum(values) / len(values)) and low < mean < high
+    delta, low, high = whole[1]
+    assert delta == pytest.approx((sum(values) - sum(other)) / sum(weights)) and low < delta < high
+    assert bootstrap_mean([]) == bootstrap_ratio_delta([], [], []) == (0.0, 0.0, 0.0)

@@ -35,6 +35,7 @@ from db.runs import (
     hand_back_chunk,
     run_variants,
 )
+from db.scores import NewScore, insert_scores
 
 from .lease import Heartbeat
 from .planner import (  # noqa: F401 - cache_key and CACHE_KEY_VERSION: their import path before the split
@@ -133,7 +134,8 @@ def _read_chunk(sessions: sessionmaker[Session], claim: ChunkClaim) -> _ChunkWor
             raise FatalChunkError(f"run {claim.run_id} disappeared after its chunk was claimed")
         return _ChunkWork(
             config=run.config,
-            examples=[ChunkExample(*e) for e in chunk_prompts(session, claim.run_id, claim.chunk_id)],
+            examples=[ChunkExample(idx, prompt, ref, None if choices is None else tuple(choices), answer)
+                      for idx, prompt, ref, choices, answer in chunk_prompts(session, claim.run_id, claim.chunk_id)],
             variants=[VariantSpec(v.name, v.adapter_path, v.adapter_hash) for v in run_variants(session, claim.run_id)],
             skip=frozenset(done_pairs(session, claim.run_id, claim.start_idx, claim.end_idx)),
         )
@@ -248,6 +250,7 @@ def _write_outputs(
         try:
             with sessions.begin() as session:
                 insert_generations(session, rows)
+                insert_scores(session, [NewScore(run_id, **score.__dict__) for score in outcome.scores])
                 held = hold_lease(session, run_id, chunk_id, claim.token)
                 if held is None:
                     raise _LeaseLost

@@ -1,6 +1,6 @@
-"""What the decode engine is given and gives back: plain records, free of any model library, so the chunk
-path (`worker.planner`, `worker.chunk`, `worker.tasks`) imports without torch. `worker.engine.generation`
-re-exports them (their import path before they moved here)."""
+"""What the decode and scoring engines are given and give back: plain records, free of any model library,
+so the chunk path (`worker.planner`, `worker.chunk`, `worker.tasks`) imports without torch.
+`worker.engine.generation` re-exports the generation records (their import path before they moved here)."""
 
 from __future__ import annotations
 
@@ -21,6 +21,26 @@ class GenResult:
     output_tokens: int
     finish_reason: str  # a FinishReason: eos | stop | length (or, never generated, empty_prompt | prompt_too_long)
     token_ids: tuple[int, ...] | None = None  # every generated token, EOS included when hit; None: not known
+
+
+@dataclass(frozen=True)
+class ScoreRow:
+    """One context and the continuations scored after it, through one adapter (None: the base model).
+
+    Invariants: `context_ids` holds at least one token (an empty context is the prefix token, as the
+    harness does); every continuation holds at least one token."""
+
+    context_ids: tuple[int, ...]
+    continuations: tuple[tuple[int, ...], ...]
+    adapter: str | None
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    """A `ScoreRow`'s scores, one entry per continuation, in order."""
+
+    logprobs: tuple[float, ...]  # per continuation: the sum of its tokens' log-probabilities (summed in float64)
+    greedy: tuple[bool, ...]  # per continuation: every token is the argmax of the logits it was scored from
 
 
 class StopFlag:

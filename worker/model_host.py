@@ -14,7 +14,7 @@ import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,8 +31,13 @@ from contract.settings import DEFAULT_MAX_ADAPTERS, Settings
 from .demo_model import prepare_demo_model
 from .engine import lora_routing
 from .engine.generation import GenResult, GenRow, eos_ids, generate_mixed, generate_separate
-from .generated import StopFlag
-from .prompts import encode_prompts
+from .engine.loglik import ScoreOptions, score_rows
+from .generated import ScoreResult, ScoreRow, StopFlag
+from .harness_encoding import context_limit as harness_context_limit
+from .harness_encoding import encode_choices, tok_encode
+from .harness_encoding import prefix_token_id as harness_prefix_token_id
+from .prompts import encode_prompts, prompt_text
+from .windows import harness_max_length
 
 if TYPE_CHECKING:
     from .engine.call import DecodeOptions
@@ -134,9 +139,9 @@ class ModelHost:
 
     @property
     def max_positions(self) -> int | None:
-        """The longest sequence (prompt + output) the model takes, when its config says."""
-        value = getattr(self.model.config, "max_position_embeddings", None)
-        return int(value) if isinstance(value, int) and value > 0 else None
+        """The longest sequence (prompt + output) the model takes, by lm-evaluation-harness's rule
+        (`harness_encoding.context_limit`); None when neither the config nor the tokenizer says."""
+        return harness_context_limit(self.model.config, self.tokenizer)
 
     def ensure_base(self, base: str, *, dtype: str = "auto", trust_remote_code: bool = False) -> None:
         """Load the base model unless it is the one already resident."""
@@ -278,6 +283,36 @@ class ModelHost:
                                         device=self.device, layers_of=self.adapted_layers, options=options,
                                         notes=notes, stop=self.stopping.is_set)
         return results, notes
+
+    def encode_pairs(self, contexts: Sequence[str], continuations: Sequence[Sequence[str]],
+                     dataset: DatasetConfig) -> list[tuple[list[int], list[list[int]]]]:
+        """Per context: its tokens and each continuation's, the harness's way (`harness_encoding`),
+        after the chat template and system prompt are applied to the context as `dataset` says."""
+        out = []
+        for context, conts in zip(contexts, continuations, strict=True):
+            text = prompt_text(self.tokenizer, context, system_prompt=dataset.system_prompt,
+                               chat_template=dataset.chat_template)
+            out.append(encode_choices(self.tokenizer, text, list(conts)))
+        return out
+
+    def encode_text(self, texts: Sequence[str]) -> list[list[int]]:
+        """Each document's tokens as the harness's `tok_encode` gives them (perplexity)."""
+        return [tok_encode(self.tokenizer, text) for text in texts]
+
+    def prefix_token_id(self) -> int:
+        return harness_prefix_token_id(self.tokenizer)
+
+    def score(self, rows: Sequence[ScoreRow], inference: InferenceConfig, *, variants: int,
+              options: ScoreOptions | None) -> tuple[list[ScoreResult], list[str]]:
+        """Each row's continuation log-probabilities, in order, and the engine's notes. Up to
+        `batch_size` contexts' worth of rows, each with all its `variants`, per forward pass; with
+        `use_peft_directly` off, one series of passes per variant (never merged: the harness scores
+        an adapter unmerged)."""
+        options = options or ScoreOptions()
+        if not inference.use_peft_directly:
+            options = replace(options, mixed_batches=False)
+        return score_rows(self.model, rows, options=options, capacity=inference.batch_size * max(1, variants),
+                          stop=self.stopping.is_set, max_length=harness_max_length(self.context_limit()))
 
     def device_name(self) -> str:
         return str(self.device)

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from enum import Enum
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from contract.artifacts import adapter_changed
 from contract.config import DatasetConfig, GenerationConfig, InferenceConfig, ModelConfig, RunConfig
@@ -23,18 +23,21 @@ from contract.scoring import score
 from db.enums import FinishReason
 
 from .cache_keys import CACHE_KEY_VERSION, ChunkKeys, cache_key  # noqa: F401 - their import path before
-from .generated import GenResult, GenRow, StopFlag
+from .generated import GenResult, GenRow, ScoreResult, ScoreRow, StopFlag
 
 if TYPE_CHECKING:
     from .engine.call import DecodeOptions
+    from .engine.loglik import ScoreOptions
     from .model_host import ModelIdentity
 
 
 @dataclass(frozen=True)
 class ChunkExample:
     idx: int
-    prompt: str
+    prompt: str  # generate: the prompt; choice: the context; perplexity: the document
     reference: str | None
+    choices: tuple[str, ...] | None = None  # task choice: the answer choices
+    answer: int | None = None  # task choice: the gold choice's index
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,25 @@ class ChunkGenerator(Protocol):
     def generate(self, rows: Sequence[GenRow], gen: GenerationConfig, inference: InferenceConfig, *,
                  variants: int, seed: int, options: DecodeOptions | None) -> tuple[list[GenResult], list[str]]:
         """One result per row, in order, and the engine's notes (each fallback taken, and why)."""
+        ...
+
+    def encode_pairs(self, contexts: Sequence[str], continuations: Sequence[Sequence[str]],
+                     dataset: DatasetConfig) -> list[tuple[list[int], list[list[int]]]]:
+        """Per context: (its token ids, each of its continuations' token ids), split as lm-evaluation-harness
+        splits them; the chat template and system prompt applied to the context as `dataset` says."""
+        ...
+
+    def encode_text(self, texts: Sequence[str]) -> list[list[int]]:
+        """Each text's token ids as the harness encodes a perplexity document."""
+        ...
+
+    def prefix_token_id(self) -> int:
+        """The token an empty context and a document's first window are scored after (BOS, else EOS)."""
+        ...
+
+    def score(self, rows: Sequence[ScoreRow], inference: InferenceConfig, *, variants: int,
+              options: ScoreOptions | None) -> tuple[list[ScoreResult], list[str]]:
+        """Each row's continuation log-probabilities, in order, and the engine's notes (each fallback taken)."""
         ...
 
     def device_name(self) -> str:
@@ -270,6 +292,8 @@ class ChunkOutcome:
     device: str | None = None  # where it was generated (cpu, cuda:0, ...)
     dtype: str | None = None  # the weights' dtype as resolved
     engine: str | None = None  # the exact fallbacks taken instead of the fast path, and why; None: none
+    #: A log-likelihood task's scores (`worker.loglik_plan.ScoreRecord`), written with the records
+    scores: Sequence[Any] = ()
 
 
 def run_chunk(
@@ -285,7 +309,12 @@ def run_chunk(
 ) -> ChunkOutcome:
     """Generate and score every (example, variant) of the chunk not in `skip`; outputs that `cached`
     already knows (same weights, prompt tokens and settings) are reused instead of generated.
-    `options`: the decode engine's switches (default: every fast path the model allows)."""
+    `options`: the decode engine's switches (default: every fast path the model allows).
+    A log-likelihood task's chunk is scored instead (`worker.loglik_plan`)."""
+    if config.loglik:
+        from .loglik_plan import run_loglik_chunk
+
+        return run_loglik_chunk(host, config, examples, variants, skip=skip)
     identity = host.load_base(config.model)
     adapters = load_adapters(host, variants)  # every chunk: the host hashes each adapter's files anew
     rows = plan_rows(examples, variants, skip)

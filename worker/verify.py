@@ -197,6 +197,10 @@ def plan_verification(session: Session, settings: Settings, run_id: int, *, samp
     if run is None:
         raise VerifyError(f"no run with id {run_id}")
     config = RunConfig.from_dict(run.config)
+    if config.loglik:
+        raise VerifyError(f"run {run_id} is a task: {config.task} run: it scored its rows by log-likelihood and "
+                          "generated nothing, so there is no output to regenerate (its scoring is held to plain "
+                          "PEFT by the test suite: tests/test_loglik_engine.py)")
     if config.generation.do_sample:
         raise VerifyError(f"run {run_id} sampled its outputs (generation.do_sample: true); sampled outputs cannot "
                           "be reproduced, so there is nothing to verify")

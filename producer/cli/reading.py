@@ -9,15 +9,18 @@ from typing import Any
 import click
 from sqlalchemy.orm import Session, sessionmaker
 
+from contract.config import RunConfig
 from contract.errors import RunNotFoundError, UserError
 from db.enums import BASE_VARIANT, ChunkStatus
 from db.outputs import SideBySide, side_by_side
 from db.progress import recent_run_ids
 from db.readonly import run_readonly
 from db.runs import get_run, run_variants
+from db.scores import run_answers, run_scores
 from db.verifications import latest_verifications
 
 from .. import display
+from ..loglik_report import LoglikReport, Task
 from . import Context, cli, pass_context
 from .options import format_option, run_argument
 from .watching import broker_lines, broker_view, progress_of
@@ -119,6 +122,24 @@ def _report_inputs(sessions: sessionmaker[Session], run_id: int) -> tuple[Any, l
     return run, names, records
 
 
+def _task(run: Any) -> str:
+    """The run's `task` (generate, choice, perplexity), from its stored config."""
+    return RunConfig.from_dict(run.config, source=f"run {run.id}'s stored config").task
+
+
+def _loglik_report(sessions: sessionmaker[Session], run: Any, names: list[str]) -> LoglikReport | None:
+    """A choice or perplexity run's figures from its stored scores (a `LoglikReport`); None for generate."""
+    from ..loglik_report import build_loglik
+
+    task = _task(run)
+    if task not in {t.value for t in Task}:
+        return None
+    with sessions() as session:
+        scores = run_scores(session, run.id)
+        gold = {idx: answer for idx, (_, answer) in run_answers(session, run.id).items()}
+    return build_loglik(Task(task), scores, gold, names)
+
+
 def _elapsed(run: Any) -> float | None:
     if run.started_at is None or run.finished_at is None:
         return None
@@ -132,21 +153,27 @@ def _elapsed(run: Any) -> float | None:
               help="Also write a self-contained HTML report to this file; `-`: only the page, on stdout.")
 @pass_context
 def report(obj: Context, run_id: int, fmt: str, html_file: Path | None) -> None:
-    """Per-variant scores with 95% intervals and paired comparisons of each adapter with base."""
-    from ..report import Verified, build_report, comparison_rows, variant_rows, verified_line
+    """Per-variant scores with 95% intervals and paired comparisons of each adapter with base.
+
+    task choice: acc and acc_norm, both paired, and the gold answer's log-probability change; task
+    perplexity: word and byte perplexity, bits per byte, and its change over documents."""
+    from ..report import Verified, build_report, report_tables, verified_line
 
     sessions = obj.sessions()
     run, names, records = _report_inputs(sessions, run_id)
     with sessions() as session:
         verified = {name: Verified(name, v.sampled, v.agreed, v.device, v.dtype)
                     for name, v in latest_verifications(session, run_id).items()}
-    result = build_report(run_id, records, names, elapsed_s=_elapsed(run), verified=verified)
+    result = build_report(run_id, records, names, elapsed_s=_elapsed(run), verified=verified,
+                          loglik=_loglik_report(sessions, run, names))
     if html_file is not None:
         from ..html_report import render_html
+        from ..loglik_html import render_loglik_html
 
         meta = {"name": run.name, "status": run.status, "base": run.base_model, "dataset": run.dataset_path,
                 "examples": run.n_examples}
-        page = render_html(result, records, meta)
+        page = render_html(result, records, meta) if result.loglik is None else \
+            render_loglik_html(result, records, meta)
         if str(html_file) == "-":  # e.g. from a container: `docker compose run --rm -T cli report 1 --html - > r.html`
             click.echo(page, nl=False)
             return
@@ -156,19 +183,28 @@ def report(obj: Context, run_id: int, fmt: str, html_file: Path | None) -> None:
         click.echo(display.to_json_object(result.to_json()))
         return
     click.echo(f"run {run_id} ({run.name}): {run.status}, {run.n_examples} examples")
-    if not result.has_scores:
+    if result.loglik is not None:
+        click.echo(_TASK_LINES[result.loglik.task])
+    elif not result.has_scores:
         click.echo("no references: this run has no scores; changed outputs and lengths only")
-    columns, rows = variant_rows(result)
-    click.echo(display.to_table(columns, rows))
-    if result.comparisons:
-        click.echo("")
-        columns, rows = comparison_rows(result.comparisons)
-        click.echo(display.to_table(columns, rows))
+    for i, (columns, rows) in enumerate(report_tables(result)):
+        click.echo(("\n" if i else "") + display.to_table(columns, rows))
     line = verified_line(result)
     if line:
         click.echo(f"\n{line}")
     if result.rows_per_s:
-        click.echo(f"\nthroughput: {result.rows_per_s:.2f} rows/s, {result.tokens_per_s:.1f} generated tokens/s")
+        tokens = "" if result.loglik is not None else f", {result.tokens_per_s:.1f} generated tokens/s"
+        click.echo(f"\nthroughput: {result.rows_per_s:.2f} rows/s{tokens}")
+
+
+#: What a log-likelihood run's report measures, said above its tables.
+_TASK_LINES = {
+    Task.CHOICE: "task choice: acc = the highest-log-probability choice is the gold one; acc_norm = the same per "
+              "character of the choice (lm-evaluation-harness's definitions); gold logprob delta = the mean change "
+              "of the gold choice's log-probability, adapter minus base (nats)",
+    Task.PERPLEXITY: "task perplexity: lm-evaluation-harness's word_perplexity, byte_perplexity and bits_per_byte, "
+                  "summed over documents; bits per byte delta = adapter minus base (lower is better)",
+}
 
 
 @cli.command()
@@ -179,8 +215,10 @@ def report(obj: Context, run_id: int, fmt: str, html_file: Path | None) -> None:
 @format_option("table", "json")
 @pass_context
 def compare(obj: Context, run_a: int, run_b: int, variant_a: str | None, variant_b: str | None, fmt: str) -> None:
-    """Paired statistics of a variant of RUN_B against a variant of RUN_A on the same dataset."""
-    from ..report import compare_runs, comparison_rows
+    """Paired statistics of a variant of RUN_B against a variant of RUN_A on the same dataset (for two
+    choice runs: acc, acc_norm and the gold answer's log-probability; for two perplexity runs: bits per byte)."""
+    from ..loglik_report import ChoiceComparison, VariantScores, compare_variant_scores
+    from ..report import choice_comparison_tables, compare_runs, comparison_rows, perplexity_comparison_table
 
     sessions = obj.sessions()
     run_1, names_a, records_a = _report_inputs(sessions, run_a)
@@ -199,13 +237,43 @@ def compare(obj: Context, run_a: int, run_b: int, variant_a: str | None, variant
         if variant not in names:
             raise UserError(f"run {run_id} has no variant {variant} (it has {', '.join(names)})")
         chosen.append(variant)
-    result = compare_runs(records_a, chosen[0], records_b, chosen[1], run_a=run_a, run_b=run_b)
+    task = _task(run_1)
+    if _task(run_2) != task:
+        raise UserError(f"runs {run_a} and {run_b} are different tasks ({task} vs {_task(run_2)}); "
+                        "their scores cannot be paired")
+    scored = None
+    if task in {t.value for t in Task}:
+        sides = []
+        for run, variant in ((run_1, chosen[0]), (run_2, chosen[1])):
+            with sessions() as session:
+                gold = {idx: answer for idx, (_, answer) in run_answers(session, run.id).items()}
+                sides.append(VariantScores(run_scores(session, run.id), gold, variant, f"{run.id}:{variant}"))
+        scored = compare_variant_scores(Task(task), sides[0], sides[1])
+    result = compare_runs(records_a, chosen[0], records_b, chosen[1], run_a=run_a, run_b=run_b, scored=scored)
     if fmt == "json":
+        extra = {} if scored is None else {"task": task, **scored.to_json()}
         click.echo(display.to_json_object({"run_a": run_a, "variant_a": chosen[0], "run_b": run_b,
-                                           "variant_b": chosen[1], "paired": result.paired, **result.to_json()}))
+                                           "variant_b": chosen[1], "paired": result.paired, **result.to_json(),
+                                           **extra}))
         return
-    columns, rows = comparison_rows([result])
-    click.echo(display.to_table(columns, rows))
+    if scored is None:
+        columns, rows = comparison_rows([result])
+        click.echo(display.to_table(columns, rows))
+        return
+    click.echo(_COMPARE_LINES[Task(task)].format(a=f"{run_a}:{chosen[0]}", b=f"{run_b}:{chosen[1]}"))
+    tables = choice_comparison_tables([scored]) if isinstance(scored, ChoiceComparison) else \
+        [perplexity_comparison_table([scored])]
+    for columns, rows in tables:
+        click.echo("\n" + display.to_table(columns, rows))
+
+
+#: What `compare` pairs for two log-likelihood runs, said above its tables.
+_COMPARE_LINES = {
+    Task.CHOICE: "compares {b} against {a}, example by example: acc and acc_norm (wins: right in {b}, wrong in {a}; "
+              "exact McNemar p; delta with a paired bootstrap 95% CI) and the gold choice's log-probability",
+    Task.PERPLEXITY: "compares {b} against {a}, document by document: bits per byte ({b} minus {a}, "
+                  "with a paired bootstrap 95% CI over documents; lower is better)",
+}
 
 
 @cli.command()

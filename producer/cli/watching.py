@@ -12,13 +12,15 @@ from typing import Any
 import click
 from sqlalchemy.orm import Session, sessionmaker
 
-from contract.errors import BrokerUnavailableError, RunNotFoundError
+from contract.config import RunConfig
+from contract.errors import BrokerUnavailableError, ConfigError, RunNotFoundError
 from contract.queue import DEFAULT_QUEUE, make_client, queue_depth
 from db.enums import EMBEDDED_QUEUE, FINAL_RUN_STATUSES
 from db.leases import RECONCILE_AFTER_S, SWEEP_S
 from db.outputs import variant_summary
 from db.progress import RunProgress, run_progress
 from db.runs import get_run
+from db.scores import run_answers, run_scores
 
 from .. import display
 
@@ -50,6 +52,9 @@ def summary(sessions: sessionmaker[Session], run_id: int) -> str:
         rows_by_variant = variant_summary(session, run_id)
         run = get_run(session, run_id)
     assert run is not None
+    loglik = _loglik_summary(sessions, run, [s.variant for s in rows_by_variant])
+    if loglik is not None:
+        return f"run {run.id} ({run.name}): {run.status}" + (f": {run.error}" if run.error else "") + f"\n{loglik}"
     rows = []
     for s in rows_by_variant:
         accuracy = f"{s.correct}/{s.scored} = {s.accuracy:.1%}" if s.accuracy is not None else "no reference"
@@ -61,6 +66,34 @@ def summary(sessions: sessionmaker[Session], run_id: int) -> str:
     if run.error:
         head += f": {run.error}"
     return f"{head}\n{table}"
+
+
+def _loglik_summary(sessions: sessionmaker[Session], run: Any, variants: list[str]) -> str | None:
+    """A choice or perplexity run's summary table (acc and acc_norm; bits per byte and word perplexity);
+    None for a generate run."""
+    try:
+        task = RunConfig.from_dict(run.config).task
+    except ConfigError:  # a config from a newer lora-compare: the plain summary
+        return None
+    if task == "generate":
+        return None
+    from ..loglik_report import Task, build_loglik
+
+    with sessions() as session:
+        scores = run_scores(session, run.id)
+        gold = {idx: answer for idx, (_, answer) in run_answers(session, run.id).items()}
+    report = build_loglik(Task(task), scores, gold, variants)
+
+    def pct(value: float | None) -> str:
+        return "-" if value is None else f"{value:.1%}"
+
+    if report.task is Task.CHOICE:
+        rows = [[v, c.acc.n, f"{c.acc.correct}/{c.acc.n} = {pct(c.acc.value)}", pct(c.acc_norm.value)]
+                for v, c in report.choice.items()]
+        return display.to_table(["variant", "rows", "acc", "acc_norm"], rows)
+    rows = [[v, p.documents, "-" if p.bits_per_byte is None else f"{p.bits_per_byte:.4f}",
+             "-" if p.word_perplexity is None else f"{p.word_perplexity:.3f}"] for v, p in report.perplexity.items()]
+    return display.to_table(["variant", "documents", "bits per byte", "word perplexity"], rows)
 
 
 def progress_of(sessions: sessionmaker[Session], run_id: int) -> RunProgress:
