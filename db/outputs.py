@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any, TypedDict
 
-from sqlalchemy import String, and_, any_, bindparam, case, cast, func, select, text
+from sqlalchemy import Select, String, and_, bindparam, case, func, select, text, true
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session, aliased
@@ -213,23 +213,43 @@ def _pg_array(values: Sequence[str]) -> str:
     return "{" + ",".join('"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"' for v in values) + "}"
 
 
-def cached_outputs(session: Session, keys: Sequence[str]) -> dict[str, CachedOutput]:
-    """For each cache key already generated (not itself a copy), one such output.
+#: What a cache lookup reads of each row.
+_CACHED = (Generation.id, Generation.cache_key, Generation.output, Generation.output_tokens,
+           Generation.finish_reason, Generation.output_ids)
 
-    PostgreSQL: one statement with the keys as one array (`= ANY`), whatever their number; SQLite:
-    bounded IN lists."""
+
+def cached_outputs(session: Session, keys: Sequence[str]) -> dict[str, CachedOutput]:
+    """For each cache key already generated (not itself a copy), one such output: its first, by id.
+
+    PostgreSQL: one statement with the keys as one array, whatever their number, each key looked up on
+    its own (`_pg_lookup`); SQLite: bounded IN lists."""
     found: dict[str, CachedOutput] = {}
     unique = sorted(set(keys))
-    columns = (Generation.id, Generation.cache_key, Generation.output, Generation.output_tokens,
-               Generation.finish_reason, Generation.output_ids)
+    if not unique:
+        return found
     if session.get_bind().dialect.name == "postgresql":
-        given = bindparam("keys", _pg_array(unique), type_=String)  # one text: the driver adapts no element
-        batches = [Generation.cache_key == any_(cast(given, ARRAY(String)))] if unique else []
+        statements = [_pg_lookup(unique)]
     else:
-        batches = [Generation.cache_key.in_(unique[start:start + 500]) for start in range(0, len(unique), 500)]
-    for where in batches:
-        stmt = select(*columns).where(where, Generation.reused_from.is_(None)).order_by(Generation.id)
+        statements = [select(*_CACHED).where(Generation.cache_key.in_(unique[start:start + 500]),
+                                             Generation.reused_from.is_(None)).order_by(Generation.id)
+                      for start in range(0, len(unique), 500)]
+    for stmt in statements:
         for gid, key, output, tokens, reason, ids in session.execute(stmt):
             found.setdefault(str(key), CachedOutput(id=int(gid), output=output, output_tokens=int(tokens),
                                                     finish_reason=FinishReason(reason), output_ids=ids))
     return found
+
+
+def _pg_lookup(keys: Sequence[str]) -> Select[Any]:
+    """`unnest(keys)`, each key joined LATERAL to its first reusable row by id (`LIMIT 1`).
+
+    Per key the only sensible plan is the index `ix_generations_cache_key` (cache_key, id over the rows
+    reused_from IS NULL): one entry read. The whole-set form (`cache_key = ANY(keys) ORDER BY id`) left
+    the planner free to scan: on a table never analysed it assumes 200 distinct keys and nearly every
+    row matching 1,024 of them, and chose a walk of the primary key or a sequential scan, seconds per
+    chunk on a fresh database (tests/test_write_path.py checks the plan on such a table)."""
+    given = func.unnest(bindparam("keys", _pg_array(keys), type_=String).cast(ARRAY(String)))
+    wanted = given.table_valued("key").render_derived(name="wanted")
+    hit = (select(*_CACHED).where(Generation.cache_key == wanted.c.key, Generation.reused_from.is_(None))
+           .order_by(Generation.id).limit(1).lateral("hit"))
+    return select(hit).select_from(wanted).join(hit, true())
