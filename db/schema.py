@@ -214,7 +214,7 @@ class Generation(Base):
         ForeignKeyConstraint(
             ["run_id", "example_idx"], ["examples.run_id", "examples.idx"], ondelete="CASCADE"
         ),
-        # The generation cache's index (migration 0008): only outputs a key can be reused from (generated,
+        # The generation cache's index (migration 0009): only outputs a key can be reused from (generated,
         # not copies), in id order within a key, so a lookup reads one entry per key (db.outputs).
         Index("ix_generations_cache_key", "cache_key", "id", postgresql_where=CACHE_SOURCES,
               sqlite_where=CACHE_SOURCES),
