@@ -113,7 +113,11 @@ def hold_lease(session: Session, run_id: int, chunk_id: int, token: int) -> Chun
     any write of the run's or the chunk's state): the locks last until commit, so no new claim can slip
     in between the check and the commit. Rows inserted earlier in the transaction are unseen until then.
     """
-    lock_run(session, run_id)
+    run = lock_run(session, run_id)
+    # Referenced until the session closes: the identity map holds objects weakly, and the caller's
+    # `session.get(Run, run_id)` later in this transaction then finds it, locked and current, instead
+    # of reading it again (complete_chunk: one statement less per chunk).
+    session.info.setdefault("held_runs", []).append(run)
     chunk = session.get(Chunk, (run_id, chunk_id), with_for_update=True, populate_existing=True)
     if chunk is None or chunk.lease_token != token or chunk.status != ChunkStatus.RUNNING:
         log.warning("run %s chunk %s: lease token %s no longer holds the chunk (now token %s, %s, worker %s); "

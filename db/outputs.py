@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
+from itertools import groupby
+from operator import attrgetter
 from typing import Any, TypedDict
 
-from sqlalchemy import String, and_, any_, bindparam, case, cast, func, select, text
+from sqlalchemy import Select, String, and_, bindparam, case, func, select, text, true
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session, aliased
@@ -107,31 +109,53 @@ def _values(row: NewGeneration) -> dict[str, Any]:
     return {f.name: getattr(row, f.name) for f in fields(NewGeneration)}  # shallow: no copy of output_ids
 
 
-#: Each column `_insert_pg` writes, with its type in the JSON rows (`output_ids`: the JSON value itself).
-_PG_COLUMNS = {"run_id": "integer", "example_idx": "integer", "variant": "varchar", "chunk_id": "integer",
-               "output": "text", "prediction": "text", "correct": "boolean", "prompt_tokens": "integer",
-               "output_tokens": "integer", "finish_reason": "varchar", "base_model_hash": "varchar",
-               "adapter_hash": "varchar", "worker": "varchar", "cache_key": "varchar", "reused_from": "integer",
-               "output_ids": "json", "created_at": "timestamptz"}
-#: A None `output_ids` was stored as JSON `null` (the JSON type's default), which a JSON row's null is not.
-_PG_SELECT = {"output_ids": "coalesce(output_ids, 'null'::json)"}
+#: The columns every row of a chunk shares: `_insert_pg` sends them once, as parameters.
+_PG_SHARED = {"run_id": "integer", "chunk_id": "integer", "worker": "varchar", "base_model_hash": "varchar"}
+#: The columns that vary per row, in the order of each row's JSON array, with their SQL types.
+_PG_ROW = {"example_idx": "integer", "variant": "varchar", "output": "text", "prediction": "text", "correct": "boolean",
+           "prompt_tokens": "integer", "output_tokens": "integer", "finish_reason": "varchar",
+           "adapter_hash": "varchar", "cache_key": "varchar", "reused_from": "integer", "output_ids": "json"}
+
+
+def _pg_value(position: int, column: str, sql_type: str) -> str:
+    """Column `column` of a row (`given`, a jsonb array), as SQL. `output_ids` is the JSON value itself,
+    its text as PostgreSQL writes a jsonb array of ints: "[5, 6, 2]", as `json.dumps` wrote it when the
+    rows went in as JSON text; a None is JSON `null`, as the ORM's JSON type stored it."""
+    if column == "output_ids":
+        return f"CAST(given -> {position} AS json)"
+    return f"CAST(given ->> {position} AS {sql_type})"
+
+
 _PG_INSERT = text(
-    f"INSERT INTO generations ({', '.join(_PG_COLUMNS)}) "
-    f"SELECT {', '.join(_PG_SELECT.get(c, c) for c in _PG_COLUMNS)} "
-    f"FROM json_to_recordset(CAST(:rows AS json)) AS given({', '.join(f'{c} {t}' for c, t in _PG_COLUMNS.items())}) "
-    f"ON CONFLICT ({', '.join(_UNIQUE)}) DO NOTHING RETURNING id"
+    f"INSERT INTO generations ({', '.join([*_PG_SHARED, *_PG_ROW, 'created_at'])}) "
+    f"SELECT {', '.join(f'CAST(:{c} AS {t})' for c, t in _PG_SHARED.items())}, "
+    f"{', '.join(_pg_value(i, c, t) for i, (c, t) in enumerate(_PG_ROW.items()))}, CAST(:created_at AS timestamptz) "
+    f"FROM jsonb_array_elements(CAST(:rows AS jsonb)) AS given ON CONFLICT ({', '.join(_UNIQUE)}) DO NOTHING"
 )
+_shared_of = attrgetter(*_PG_SHARED)
+_row_of = attrgetter(*_PG_ROW)
+#: Compact JSON of the rows (`output_ids` is written anew by PostgreSQL: `_pg_value`).
+_rows_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
 def _insert_pg(session: Session, rows: Sequence[NewGeneration]) -> int:
-    """All rows in one INSERT ... SELECT FROM json_to_recordset(the rows as one JSON parameter): one
-    round trip and a short statement, where an executemany of 1,000 rows built a statement with 17,000
-    placeholders that the driver parsed anew every time (and one array per column costs the driver
-    twice the CPU of one JSON text). The stored values are the ones the ORM's executemany wrote: the
-    same JSON text for `output_ids` (PostgreSQL keeps a json value's text as `json.dumps` wrote it, JSON
-    `null` for None), `created_at` from `utcnow` (tests/test_write_path.py compares them)."""
-    payload = [{**row.__dict__, "created_at": utcnow().isoformat()} for row in rows]  # __dict__: exactly its fields
-    return len(session.connection().execute(_PG_INSERT, {"rows": json.dumps(payload, ensure_ascii=False)}).all())
+    """All of a chunk's rows in one INSERT ... SELECT FROM jsonb_array_elements(the rows as one JSON
+    parameter): one round trip and a short statement, where an executemany of 1,000 rows built a
+    statement with 17,000 placeholders that the driver parsed anew every time (and one array per
+    column costs the driver twice the CPU of one JSON text). Each row is a JSON array of the columns
+    that vary (`_PG_ROW`); those a chunk's rows share (`_PG_SHARED`) and `created_at` are parameters,
+    so a run of consecutive rows that share them is one statement (a chunk's rows: one). That halves
+    the JSON both sides handle against one object per row with every column named.
+
+    The stored values are the ones the ORM's executemany wrote (tests/test_write_path.py compares
+    them): the same JSON text for `output_ids` (`_pg_value`), JSON `null` for None, `created_at` from
+    `utcnow` (one value per statement)."""
+    inserted = 0
+    for shared, group in groupby(rows, key=_shared_of):
+        params = dict(zip(_PG_SHARED, shared), created_at=utcnow().isoformat(),
+                      rows=_rows_json(list(map(_row_of, group))))
+        inserted += session.connection().execute(_PG_INSERT, params).rowcount
+    return inserted
 
 
 def done_pairs(session: Session, run_id: int, start_idx: int, end_idx: int) -> set[tuple[int, str]]:
@@ -213,23 +237,43 @@ def _pg_array(values: Sequence[str]) -> str:
     return "{" + ",".join('"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"' for v in values) + "}"
 
 
-def cached_outputs(session: Session, keys: Sequence[str]) -> dict[str, CachedOutput]:
-    """For each cache key already generated (not itself a copy), one such output.
+#: What a cache lookup reads of each row.
+_CACHED = (Generation.id, Generation.cache_key, Generation.output, Generation.output_tokens,
+           Generation.finish_reason, Generation.output_ids)
 
-    PostgreSQL: one statement with the keys as one array (`= ANY`), whatever their number; SQLite:
-    bounded IN lists."""
+
+def cached_outputs(session: Session, keys: Sequence[str]) -> dict[str, CachedOutput]:
+    """For each cache key already generated (not itself a copy), one such output: its first, by id.
+
+    PostgreSQL: one statement with the keys as one array, whatever their number, each key looked up on
+    its own (`_pg_lookup`); SQLite: bounded IN lists."""
     found: dict[str, CachedOutput] = {}
     unique = sorted(set(keys))
-    columns = (Generation.id, Generation.cache_key, Generation.output, Generation.output_tokens,
-               Generation.finish_reason, Generation.output_ids)
+    if not unique:
+        return found
     if session.get_bind().dialect.name == "postgresql":
-        given = bindparam("keys", _pg_array(unique), type_=String)  # one text: the driver adapts no element
-        batches = [Generation.cache_key == any_(cast(given, ARRAY(String)))] if unique else []
+        statements = [_pg_lookup(unique)]
     else:
-        batches = [Generation.cache_key.in_(unique[start:start + 500]) for start in range(0, len(unique), 500)]
-    for where in batches:
-        stmt = select(*columns).where(where, Generation.reused_from.is_(None)).order_by(Generation.id)
+        statements = [select(*_CACHED).where(Generation.cache_key.in_(unique[start:start + 500]),
+                                             Generation.reused_from.is_(None)).order_by(Generation.id)
+                      for start in range(0, len(unique), 500)]
+    for stmt in statements:
         for gid, key, output, tokens, reason, ids in session.execute(stmt):
             found.setdefault(str(key), CachedOutput(id=int(gid), output=output, output_tokens=int(tokens),
                                                     finish_reason=FinishReason(reason), output_ids=ids))
     return found
+
+
+def _pg_lookup(keys: Sequence[str]) -> Select[Any]:
+    """`unnest(keys)`, each key joined LATERAL to its first reusable row by id (`LIMIT 1`).
+
+    Per key the only sensible plan is the index `ix_generations_cache_key` (cache_key, id over the rows
+    reused_from IS NULL): one entry read. The whole-set form (`cache_key = ANY(keys) ORDER BY id`) left
+    the planner free to scan: on a table never analysed it assumes 200 distinct keys and nearly every
+    row matching 1,024 of them, and chose a walk of the primary key or a sequential scan, seconds per
+    chunk on a fresh database (tests/test_write_path.py checks the plan on such a table)."""
+    given = func.unnest(bindparam("keys", _pg_array(keys), type_=String).cast(ARRAY(String)))
+    wanted = given.table_valued("key").render_derived(name="wanted")
+    hit = (select(*_CACHED).where(Generation.cache_key == wanted.c.key, Generation.reused_from.is_(None))
+           .order_by(Generation.id).limit(1).lateral("hit"))
+    return select(hit).select_from(wanted).join(hit, true())

@@ -27,6 +27,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -34,6 +35,9 @@ from .enums import BASE_VARIANT, AttemptOutcome, ChunkStatus, FinishReason, RunS
 
 __all__ = ["BASE_VARIANT", "MAX_ERROR_CHARS", "Base", "Chunk", "ChunkAttempt", "Example", "Generation", "Run",
            "Variant", "Verification", "utcnow"]
+
+#: The rows of `generations` the generation cache reuses, and indexes: generated (not copied), with a key.
+CACHE_SOURCES = text("reused_from IS NULL AND cache_key IS NOT NULL")
 
 #: Longest error text kept on a chunk, attempt or run row.
 MAX_ERROR_CHARS = 2000
@@ -203,7 +207,7 @@ class Generation(Base):
     worker: Mapped[str | None] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     # sha256 of (base hash, adapter hash, prompt tokens, generation settings); null when sampling
-    cache_key: Mapped[str | None] = mapped_column(String(64), index=True)
+    cache_key: Mapped[str | None] = mapped_column(String(64))
     reused_from: Mapped[int | None] = mapped_column(Integer)  # the generation this output was copied from
     output_ids: Mapped[list | None] = mapped_column(JSON)  # the generated token ids (EOS included when hit)
 
@@ -213,6 +217,10 @@ class Generation(Base):
         ForeignKeyConstraint(
             ["run_id", "example_idx"], ["examples.run_id", "examples.idx"], ondelete="CASCADE"
         ),
+        # The generation cache's index (migration 0009): only outputs a key can be reused from (generated,
+        # not copies), in id order within a key, so a lookup reads one entry per key (db.outputs).
+        Index("ix_generations_cache_key", "cache_key", "id", postgresql_where=CACHE_SOURCES,
+              sqlite_where=CACHE_SOURCES),
     )
 
 

@@ -1,9 +1,11 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from contract.config import ScoringConfig
-from contract.scoring import Score, extract, last_number, score
+from contract.scoring import _NUMBER, Score, extract, last_number, score
 
 
 @pytest.mark.parametrize(
@@ -12,6 +14,33 @@ from contract.scoring import Score, extract, last_number, score
 )
 def test_last_number(text: str, expected: str | None) -> None:
     assert last_number(text) == expected
+
+
+def _last_number_by_definition(text: str) -> str | None:
+    """What `last_number` returns, as it was written before its fast path: the last of findall."""
+    found = _NUMBER.findall(text)
+    return found[-1].replace(",", "").lstrip("+") if found else None
+
+
+#: Texts dense in what a number can hold (signs, separators, exponents, Unicode digits) among letters.
+_NUMBERISH = st.lists(st.sampled_from([*"0123456789", *"-+.,eE", *" xa=\n", "٣", "５", "e5", ",000", "1,2", "12"]),
+                      max_size=40).map("".join)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(text=_NUMBERISH | st.text(max_size=80), pad=st.sampled_from(["", "x" * 30, "1" * 30, "1,234 " * 5]))
+def test_last_number_is_the_last_match_of_the_whole_text(text: str, pad: str) -> None:
+    """The fast path (the last run of number characters only) finds what `_NUMBER.findall` over the whole
+    text finds: a differential test over texts built to put runs, separators and digits next to each other
+    (padded, so that short texts go through it too)."""
+    assert last_number(pad + text) == _last_number_by_definition(pad + text)
+    assert last_number(text + pad) == _last_number_by_definition(text + pad)
+
+
+@pytest.mark.parametrize("text", ["", "e", "-", "1", "x1", "1x", "a-1,234.5e+6 and -+7", "1,2345", "12,345,67", "+-3",
+                                  "e-5", "5e", "3.", ".5", "1,000,000", "٣٤", "1 ٣", "x,1", "ee1", "1e+", "--1-2"])
+def test_last_number_on_edges(text: str) -> None:
+    assert last_number(text) == _last_number_by_definition(text)
 
 
 def test_extract_uses_group_one_or_the_whole_match() -> None:

@@ -39,7 +39,11 @@ def cache_key(model: ModelIdentity, adapter_hash: str | None, input_ids: Sequenc
 
 class ChunkKeys:
     """`cache_key(model, adapter_hash, ids, gen, path=path)` for many rows: the same JSON text, hashed,
-    built from its parts (a dict's JSON is its items' JSON in order, joined by the separators)."""
+    built from its parts (a dict's JSON is its items' JSON in order, joined by the separators).
+
+    The text is hashed in two pieces, which SHA-256 allows (hashing `a + b` is hashing `a`, then `b`):
+    everything up to the prompt's ids, once per adapter (then copied for each row), and the ids with
+    the settings after them, serialized once per prompt."""
 
     def __init__(self, model: ModelIdentity, gen: GenerationConfig, *, path: str) -> None:
         self.sampling = gen.do_sample
@@ -47,14 +51,20 @@ class ChunkKeys:
                 "dtype": model.dtype, "device": model.device, "eos": list(model.eos_ids), "path": path}
         self._head = json.dumps(head, separators=_COMPACT)[:-1] + ',"adapter":'
         self._tail = (f',"max_new_tokens":{json.dumps(gen.max_new_tokens)},'
-                      f'"stop":{json.dumps(list(gen.stop), separators=_COMPACT)}}}')
-        self._ids: dict[tuple[int, ...], str] = {}
+                      f'"stop":{json.dumps(list(gen.stop), separators=_COMPACT)}}}').encode()
+        self._adapters: dict[str | None, hashlib._Hash] = {}  # adapter hash -> the hash of the text up to the ids
+        self._ids: dict[tuple[int, ...], bytes] = {}  # prompt ids -> the rest of the text
 
     def key(self, adapter_hash: str | None, input_ids: tuple[int, ...]) -> str | None:
         if self.sampling:
             return None
-        ids = self._ids.get(input_ids)
-        if ids is None:
-            ids = self._ids[input_ids] = json.dumps(list(input_ids), separators=_COMPACT)
-        text = f'{self._head}{json.dumps(adapter_hash)},"ids":{ids}{self._tail}'
-        return hashlib.sha256(text.encode()).hexdigest()
+        start = self._adapters.get(adapter_hash)
+        if start is None:
+            start = self._adapters[adapter_hash] = hashlib.sha256(
+                f'{self._head}{json.dumps(adapter_hash)},"ids":'.encode())
+        rest = self._ids.get(input_ids)
+        if rest is None:
+            rest = self._ids[input_ids] = json.dumps(list(input_ids), separators=_COMPACT).encode() + self._tail
+        digest = start.copy()
+        digest.update(rest)
+        return digest.hexdigest()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 from collections.abc import Callable, Sequence
@@ -123,6 +124,16 @@ def _stop_soon(app: Celery) -> None:
         app.send_task(WAKE_TASK, queue=DEFAULT_QUEUE)
 
 
+def _freeze_startup_objects() -> None:
+    """Leave what the worker built to start (modules, the app, the host) out of the garbage collector's
+    full passes. A chunk creates thousands of objects that live as long as it does (its rows and their
+    records), so they reach the oldest generation and full passes follow every few chunks; each one
+    walked every object of the process (a few milliseconds a chunk on average, of 30-80 ms of CPU in
+    a simulated worker). The frozen objects are still freed by reference counting."""
+    gc.collect()
+    gc.freeze()
+
+
 def serve(
     sessions: sessionmaker[Session],
     settings: Settings,
@@ -151,6 +162,7 @@ def serve(
                         without_gossip=True, without_mingle=True)
     sweeper = Sweeper(sessions, make_client(settings.broker_url)).start()
     worker_shutting_down.connect(_shutting_down, weak=False)
+    _freeze_startup_objects()
     try:
         worker.start()
     finally:
