@@ -26,6 +26,7 @@ from sqlalchemy import create_engine, text
 
 from producer.cli import cli
 from tests.harness import harness_installed, run_harness, task_from_config
+from tests.test_loglik_report import rendered_dom
 
 pytestmark = pytest.mark.slow
 
@@ -98,6 +99,12 @@ def test_bundled_examples_give_the_harness_figures(demo_model: Path, tmp_path: P
     for variant, key in (("base", "demo/base"), ("arith", "demo/arith")):
         want = expected["perplexity"][key]
         _check_perplexity(ours, report, variant, want["examples"], want["metrics"])
+    for run_id, needle in ((choice, "acc_norm"), (ppl, "bits per byte")):  # each HTML report, in a browser
+        page = tmp_path / f"report-{run_id}.html"
+        result = CliRunner().invoke(cli, ["--database-url", f"sqlite:///{db}", "report", str(run_id), "--html",
+                                          str(page)])
+        assert result.exit_code == 0, result.output
+        assert needle in rendered_dom(page, tmp_path / str(run_id))
 
 
 # --- against the harness run now ------------------------------------------------------------------

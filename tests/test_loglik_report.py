@@ -205,15 +205,8 @@ def _chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-@pytest.mark.parametrize("store", [store_choice_run, store_perplexity_run], ids=["choice", "perplexity"])
-def test_the_html_report_renders_in_headless_chromium(store, sqlite_url: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    (run_id,) = _db(sqlite_url, store)
-    page = tmp_path / "report.html"
-    _cli(sqlite_url, "report", str(run_id), "--html", str(page))
-    text = page.read_text()
-    assert "http://" not in text and "https://" not in text  # self-contained
-    data = json.loads(text.split('id="report-data">', 1)[1].split("</script>", 1)[0])
-    assert data == _report(sqlite_url, run_id)
+def rendered_dom(page: Path, tmp_path: Path) -> str:
+    """The page's DOM after headless Chromium ran its script, which must have ended without an error."""
     browser = _chromium()
     if browser is None:
         if os.environ.get("CI"):
@@ -225,6 +218,19 @@ def test_the_html_report_renders_in_headless_chromium(store, sqlite_url: str, tm
                          capture_output=True, text=True, timeout=120).stdout
     assert 'data-ready="1"' in dom  # the inline script ran to its end
     assert "data-errors" not in dom  # and window.onerror saw nothing
+    return dom
+
+
+@pytest.mark.parametrize("store", [store_choice_run, store_perplexity_run], ids=["choice", "perplexity"])
+def test_the_html_report_renders_in_headless_chromium(store, sqlite_url: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    (run_id,) = _db(sqlite_url, store)
+    page = tmp_path / "report.html"
+    _cli(sqlite_url, "report", str(run_id), "--html", str(page))
+    text = page.read_text()
+    assert "http://" not in text and "https://" not in text  # self-contained
+    data = json.loads(text.split('id="report-data">', 1)[1].split("</script>", 1)[0])
+    assert data == _report(sqlite_url, run_id)
+    dom = rendered_dom(page, tmp_path)
     if store is store_choice_run:
         assert "acc_norm" in dom and dom.count("<tr data-variant=") == 3  # examples 0, 2, 3 changed answer
     else:
