@@ -65,7 +65,8 @@ def variants(k: int) -> list[str]:
 class Profiler:
     """torch's profiler over PROFILED_STEPS steps once the context passes each target + window."""
 
-    def __init__(self, targets: list[int], window: int) -> None:
+    def __init__(self, targets: list[int], window: int, top: int) -> None:
+        self.top = top
         self.starts = [t + window for t in targets]
         self.tables: dict[int, Any] = {}
         self._active: Any = None
@@ -81,6 +82,7 @@ class Profiler:
                 self._active.stop()
                 self.tables[self._at] = self._active.key_averages()
                 self._active = None
+                print_profile({self._at: self.tables[self._at]}, self.top)
             return
         due = [s for s in self.starts if s <= context and s not in self.tables]
         if due:
@@ -108,9 +110,13 @@ def run_ours(work: Workload, spec: dict[str, Any], args: argparse.Namespace,
     rows = [(p, v) for p in work.prompt_ids() for v in variants(args.adapters)]
     request = DecodeRequest(GenerationConfig(max_new_tokens=args.new_tokens), set(), work.pad_id, model.device)
     seen: list[dict[str, Any]] = []
+    pending = list(args.contexts)
 
     def record(step: steps.DecodeStep) -> None:
         seen.append({"s": step.seconds, "rows": step.rows, "context": step.context, "prefill": step.prefill})
+        while pending and step.context > pending[0] + args.window:  # as it goes: a stopped run keeps these
+            print(f"  ours at ~{pending[0]}: {at(seen, pending[0], args.window)[0]:.2f} ms/step", flush=True)
+            pending.pop(0)
         if profiler is not None:
             profiler(step.context)
 
@@ -145,8 +151,8 @@ def at(seen: list[dict[str, Any]], target: int, window: int) -> tuple[float, flo
     return (statistics.median(s["s"] for s in near) * 1000, sum(s["rows"] for s in near) / len(near), len(near))
 
 
-def print_profile(profiler: Profiler, top: int) -> None:
-    for at_context, table in sorted(profiler.tables.items()):
+def print_profile(tables: dict[int, Any], top: int) -> None:
+    for at_context, table in sorted(tables.items()):
         if table is None:
             continue
         total = sum(e.self_cpu_time_total for e in table) / PROFILED_STEPS / 1000
@@ -154,6 +160,7 @@ def print_profile(profiler: Profiler, top: int) -> None:
               f"(torch profiler, {PROFILED_STEPS} steps); top operators, ms/step and calls/step:")
         for e in sorted(table, key=lambda e: -e.self_cpu_time_total)[:top]:
             print(f"  {e.key:<40}{e.self_cpu_time_total / PROFILED_STEPS / 1000:>9.2f}{e.count / PROFILED_STEPS:>9.0f}")
+        sys.stdout.flush()
 
 
 def main() -> None:
@@ -175,7 +182,7 @@ def main() -> None:
         print(peer.missing())
         engines.remove("vllm")
     results: dict[str, tuple[float, list[dict[str, Any]]]] = {}
-    profiler = Profiler(args.contexts, args.window) if args.profile else None
+    profiler = Profiler(args.contexts, args.window, args.top) if args.profile else None
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
         work, spec = workload(args, tmp)
@@ -185,6 +192,9 @@ def main() -> None:
         for engine in engines:
             results[engine] = (run_ours(work, spec, args, profiler) if engine == "ours"
                                else run_vllm(work, spec, args, tmp))
+            wall, seen = results[engine]  # as it ends, so that a run stopped later keeps it
+            print(f"{engine}: " + ", ".join(f"~{t}: {at(seen, t, args.window)[0]:.2f} ms/step" for t in args.contexts)
+                  + f" ({wall:.1f} s, {len(seen)} steps)", flush=True)
     print(f"\n{'context':>8}" + "".join(f"{e + ' ms/step':>16}{'rows':>6}{'steps':>6}" for e in results)
           + (f"{'ours/vllm':>11}" if len(results) == 2 else ""))
     medians: dict[str, list[float]] = {e: [] for e in results}
@@ -201,8 +211,6 @@ def main() -> None:
         grow = medians[engine][-1] / medians[engine][0]
         print(f"{engine}: {wall:.1f} s for the {len(seen)} steps; ms/step at ~{args.contexts[-1]} / at "
               f"~{args.contexts[0]}: {grow:.2f}x")
-    if profiler is not None:
-        print_profile(profiler, args.top)
 
 
 if __name__ == "__main__":
