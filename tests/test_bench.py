@@ -1,5 +1,7 @@
-"""The benchmark script's GPU mode (random-weight Llama shapes, fixed output length) runs on CPU
-with a tiny shape, so it is ready for a lent GPU (`--device cuda --shape 1b --shape 8b`)."""
+"""The benchmark scripts run, in their small modes: compare_strategies.py's GPU mode (random-weight
+Llama shapes, fixed output length) on CPU with a tiny shape, so it is ready for a lent GPU
+(`--device cuda --shape 1b --shape 8b`); rows_per_pass.py; control_plane.py with a few simulated
+workers; loglik_vs_harness.py on a tiny model against lm-evaluation-harness."""
 
 from __future__ import annotations
 
@@ -9,6 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from tests.harness import harness_installed
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -96,3 +100,22 @@ def test_the_control_plane_benchmark_runs_tiny() -> None:
     # workers, chunks, rows (every chunk's 16 examples x 4 variants), retried chunks, run status
     assert table == [("1", "2", "128", "0", "completed"), ("2", "4", "256", "0", "completed")], out
     assert "where the time goes" in out and "(CPU)" in out and "capacity/min" in out
+
+
+@pytest.mark.skipif(not harness_installed(), reason="lm-eval is not installed: the harness extra, "
+                    "requirements-harness.lock (make venv installs it)")
+def test_the_loglik_benchmark_against_the_harness_runs_tiny() -> None:
+    """bench/loglik_vs_harness.py --tiny: one `lora-compare run` of a tiny Llama and 3 adapters against
+    lm-eval run once per variant, whole processes; the same predictions and log-likelihoods."""
+    done = subprocess.run([sys.executable, str(REPO / "bench/loglik_vs_harness.py"), "--tiny", "--repeats", "1"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    assert "6 examples x 4 choices x 4 variants, batch size 16" in out
+    sides = dict(re.findall(r"^(lora-compare|lm-eval)\s+(\d+)\s+[\d.]+\s+[\d.]+", out, re.MULTILINE))
+    assert sides == {"lora-compare": "1", "lm-eval": "4"}, out  # one process against one per variant
+    assert re.search(r"^ratio harness / ours: [\d.]+x wall, [\d.]+x cpu", out, re.MULTILINE), out
+    assert "the same prediction on 24/24 (example, variant)" in out
+    worst = float(re.search(r"log-likelihoods ([\d.e+-]+)", out).group(1))  # type: ignore[union-attr]
+    assert worst < 1e-4, out
+    assert out.count("load at ") == 2

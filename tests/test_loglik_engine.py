@@ -30,6 +30,7 @@ FAST = ScoreOptions()
 OPTIONS = {
     "fast path": FAST,
     "shared context off": replace(FAST, share_context=False),
+    "shared prefix off": replace(FAST, share_prefix=False),
     "routed LoRA off": replace(FAST, route_lora=False),
     "mixed batches off": replace(FAST, mixed_batches=False),
     "needed positions off": replace(FAST, needed_positions_only=False),
@@ -229,3 +230,93 @@ def test_passes_over_the_logits_budget_are_split_down_to_one_sequence(root: Path
         assert len(passes) == len(conts)  # each (context, continuation) alone
     else:  # each context alone, then each continuation of more than one token alone
         assert len(passes) == len(fam.rows) + sum(len(c) > 1 for c in conts)
+
+
+def stem_rows(adapters: list[str | None], seed: int = 5) -> list[ScoreRow]:
+    """Per example, three continuations that share all but their last token (as " 95" and " 96" share
+    " 9"), beside one of the same length that does not, a one-token one and the shared stem alone."""
+    rng = random.Random(seed)
+    rows = []
+    for _example in range(4):
+        context = tokens(rng, rng.choice([3, 9, 17]))
+        stem = tokens(rng, rng.choice([1, 2, 4]))
+        conts = tuple(stem + tokens(rng, 1) for _ in range(3)) + (tokens(rng, len(stem) + 1), tokens(rng, 1), stem)
+        rows += [ScoreRow(context, conts, adapter) for adapter in adapters]
+    return rows
+
+
+@pytest.mark.parametrize("label", ["fast path", "routed LoRA off", "needed positions off"])
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "gpt2"])
+def test_continuations_that_differ_only_in_their_last_token_run_as_one_sequence(
+        root: Path, arch: str, label: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from worker.engine import loglik
+
+    fam = family(root, arch)
+    rows = stem_rows([None, "r1", "dropout_lora_bias"])
+    expected = score_plain(fam.model, rows)
+    got, _notes = score_rows(fam.model, rows, options=OPTIONS[label], capacity=5)
+    assert not differences(got, expected, rows)
+    monkeypatch.setattr(loglik, "LOGITS_PER_PASS", 1)  # one sequence per pass: the passes count the sequences
+    passes: list[int] = []
+
+    def count() -> bool:  # asked once per forward pass
+        passes.append(1)
+        return False
+
+    got, _notes = score_rows(fam.model, rows, options=OPTIONS[label], capacity=8, stop=count)
+    assert not differences(got, expected, rows)
+    groups = sum(len({c[:-1] for c in row.continuations if len(c) > 1}) for row in rows)
+    alone = sum(len(c) > 1 for row in rows for c in row.continuations)
+    assert len(passes) == len(rows) + groups < len(rows) + alone  # each context, then each group once
+
+
+def prefix_rows(adapters: list[str | None], seed: int = 7) -> list[ScoreRow]:
+    """Contexts that all start with the same 6 tokens (a question's fixed words), then 1, 4 or 9 of
+    their own; three continuations of 1 to 3 tokens each."""
+    rng = random.Random(seed)
+    stem = tokens(rng, 6)
+    rows = []
+    for own in (1, 4, 9, 4, 9):
+        context, conts = stem + tokens(rng, own), tuple(tokens(rng, rng.choice([1, 2, 3])) for _ in range(3))
+        rows += [ScoreRow(context, conts, adapter) for adapter in adapters]
+    return rows
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "gemma2"])
+def test_the_prefix_every_context_shares_runs_once_per_adapter(root: Path, arch: str) -> None:
+    fam = family(root, arch)
+    rows = prefix_rows([None, "r1", "dropout_lora_bias"])
+    seen: list[tuple[int, ...]] = []  # the shape of every forward pass's input ids
+    hook = fam.model.get_input_embeddings().register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape))
+    try:
+        got, notes = score_rows(fam.model, rows, capacity=64)
+    finally:
+        hook.remove()
+    assert not differences(got, score_plain(fam.model, rows), rows)
+    if arch == "gemma2":  # a window of 16 tokens, rows of up to 18: padding after a shared prefix would count in it
+        assert seen[0] == (15, 15) and any("no shared context prefix" in n for n in notes)
+    else:  # the 6 shared tokens once per adapter, then each context's own tokens
+        assert seen[:2] == [(3, 6), (15, 9)] and notes == []
+
+
+@pytest.mark.parametrize("label", ["fast path", "routed LoRA off", "needed positions off", "shared prefix off"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_the_leading_tokens_every_continuation_shares_run_with_the_context(root: Path, arch: str, label: str) -> None:
+    """Continuations that all begin with the same 2 tokens (as every number after " "), and a row of one
+    6-token continuation (a perplexity window): those tokens run in the context's pass, once."""
+    fam = family(root, arch)
+    rng = random.Random(11)
+    rows = []
+    for _example in range(3):
+        context, lead = tokens(rng, 9), tokens(rng, 2)
+        conts = tuple(lead + tokens(rng, rng.choice([1, 2, 3])) for _ in range(4))
+        rows += [ScoreRow(context, conts, adapter) for adapter in (None, "r1", "dropout_lora_bias")]
+    rows.append(ScoreRow(tokens(rng, 9), (tokens(rng, 6),), "r1"))
+    seen: list[int] = []  # the width of every forward pass's input ids
+    hook = fam.model.get_input_embeddings().register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[1]))
+    try:
+        got, _notes = score_rows(fam.model, rows, options=OPTIONS[label], capacity=1)
+    finally:
+        hook.remove()
+    assert not differences(got, score_plain(fam.model, rows), rows)
+    assert {w for w in seen if w > 3} == {9 + 2, 9 + 5}  # each context with the shared tokens; the rest is short

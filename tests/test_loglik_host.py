@@ -148,8 +148,9 @@ def test_the_demo_model_and_adapter_score_as_plain_peft(demo_model: Path, settin
             for name in (None, adapter)]
     expected = score_plain(host.model, rows, max_length=8192)
     assert expected[0].logprobs != expected[1].logprobs  # the adapter changes the scores
-    for options in (ScoreOptions(), ScoreOptions(share_context=False), ScoreOptions(route_lora=False),
-                    ScoreOptions(mixed_batches=False), ScoreOptions(needed_positions_only=False)):
+    for options in (ScoreOptions(), ScoreOptions(share_context=False), ScoreOptions(share_prefix=False),
+                    ScoreOptions(route_lora=False), ScoreOptions(mixed_batches=False),
+                    ScoreOptions(needed_positions_only=False)):
         got, notes = host.score(rows, InferenceConfig(batch_size=2), variants=2, options=options)
         assert notes == []
         for g, e in zip(got, expected, strict=True):

@@ -8,7 +8,11 @@ at the position before each; it is greedy when every token is the argmax there.
 `score_rows` gets the same numbers with fewer operations (each switched off alone in `ScoreOptions`,
 and tested to give the same log-probabilities to 1e-5 in float32):
 - share_context: a row's context runs once, and all its continuations run on its KV entries
-  (`loglik_pass.prefill` / `continuation_pass`); off: each (context, continuation) runs whole;
+  (`loglik_pass.prefill` / `continuation_pass`): the leading tokens all of them share run with the
+  context (`fold`), and those that differ only in their last token as one sequence; off: each
+  (context, continuation) runs whole;
+- share_prefix: the leading tokens that every context of a pass shares ("Question: What is") run
+  once per adapter, the contexts' own tokens on top of them (`loglik_pass.shared_prefix`);
 - route_lora: base and adapter rows of one pass through `lora_routing` (else PEFT's `adapter_names`);
 - mixed_batches: the rows of every variant in the same passes (else one series of passes per variant,
   the adapter set the plain PEFT way);
@@ -17,15 +21,17 @@ and tested to give the same log-probabilities to 1e-5 in float32):
 A continuation that does not fit after its whole context is scored after the context's tail, as the
 harness cuts it (its own piece). The exact fallbacks, each named in the notes: plain scoring, one
 (context, continuation) at a time (`score_plain`), for an architecture the engine is not proven on;
-one pass per variant where no batch can mix the adapters (`lora_routing.mixing`). Sliding-window
-attention needs no fallback here: a sequence's real tokens always sit in consecutive columns.
+one pass per variant where no batch can mix the adapters (`lora_routing.mixing`); no shared prefix
+where a sliding window is shorter than the longest sequence (the padding between a shared prefix and
+a context's own tokens would count in a window built from columns). Otherwise a sequence's real
+tokens sit in consecutive columns.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import torch
@@ -35,8 +41,9 @@ from contract.errors import ChunkInterrupted
 
 from ..generated import ScoreResult, ScoreRow
 from . import lora_routing, plain
-from .fidelity import PROVEN_ARCHITECTURES, base_config
-from .loglik_pass import Forward, Piece, Scores, continuation_pass, prefill, whole_pass
+from .cpu_head import flat_rows
+from .fidelity import PROVEN_ARCHITECTURES, base_config, sliding_window
+from .loglik_pass import Forward, Piece, Scores, continuation_pass, fold, prefill, tail_groups, whole_pass
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +56,7 @@ class ScoreOptions:
     same log-probabilities."""
 
     share_context: bool = True
+    share_prefix: bool = True
     route_lora: bool = True
     mixed_batches: bool = True
     needed_positions_only: bool = True
@@ -71,9 +79,9 @@ def is_peft(model: Any) -> bool:
     return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
 
 
-def plan_score(model: Any, options: ScoreOptions) -> ScorePlan:
-    """How `score_rows` runs on `model` with `options`: as `fidelity.plan_decode` decides for
-    generation, less the shared-prefix rule (a scored sequence's real tokens are consecutive columns)."""
+def plan_score(model: Any, options: ScoreOptions, longest: int = 0) -> ScorePlan:
+    """How `score_rows` runs on `model` with `options`, its longest sequence (context + continuation)
+    `longest` tokens: as `fidelity.plan_decode` decides for generation."""
     model_type = str(getattr(base_config(model), "model_type", "unknown"))
     mixing: lora_routing.Mixing | None = None
     if is_peft(model):
@@ -88,11 +96,16 @@ def plan_score(model: Any, options: ScoreOptions) -> ScorePlan:
             f"plain scoring, one continuation at a time: architecture '{model_type}' is not one the fast path "
             "is proven on",))
     notes: tuple[str, ...] = ()
+    window = sliding_window(model)
+    if options.share_context and options.share_prefix and window is not None and longest > window:
+        options = replace(options, share_prefix=False)
+        notes += (f"no shared context prefix: the sliding-window attention ({window} tokens) is shorter than "
+                  "the rows",)
     if mixing is not None and mixing != "routed" and options.route_lora and options.mixed_batches:
         verdict = lora_routing.mixing(model)
         if verdict.reason:
             how = "one pass per variant" if mixing == "per_variant" else "PEFT's mixed batches"
-            notes = (f"{how}: {verdict.reason}",)
+            notes += (f"{how}: {verdict.reason}",)
     return ScorePlan(options, mixing, notes=notes)
 
 
@@ -200,15 +213,17 @@ def _passes(model: Any, forward: Forward, pieces: list[Piece], scores: Scores, o
                                   name=lambda item: item[0].name):
             whole_pass(model, forward, sequences, scores, needed_only=needed)
         return
-    for batch in _batches(pieces, length=lambda p: len(p.context), positions=lambda p: 1 if needed else len(p.context),
+    folded = [fold(piece) for piece in pieces]
+    for batch in _batches(folded, length=lambda p: len(p.context),
+                          positions=lambda p: 1 + p.folded if needed else len(p.context),
                           capacity=capacity, vocab=vocab, name=lambda p: p.name):
-        done = prefill(model, forward, batch, scores, needed_only=needed)
-        tails = [(p, c) for p, piece in enumerate(batch) for c, cont in enumerate(piece.continuations) if len(cont) > 1]
+        done = prefill(model, forward, batch, scores, needed_only=needed, share_prefix=options.share_prefix)
+        tails = tail_groups(batch)
 
-        def tail(item: tuple[int, int], of: list[Piece] = batch) -> int:
-            return len(of[item[0]].continuations[item[1]]) - 1
+        def tail(item: tuple[int, tuple[int, ...]], of: list[Piece] = batch) -> int:
+            return len(of[item[0]].continuations[item[1][0]]) - 1
 
-        def name(item: tuple[int, int], of: list[Piece] = batch) -> str | None:
+        def name(item: tuple[int, tuple[int, ...]], of: list[Piece] = batch) -> str | None:
             return of[item[0]].name
 
         for group in _batches(tails, length=tail, positions=tail, capacity=capacity, vocab=vocab, name=name):
@@ -227,7 +242,7 @@ def score_rows(model: Any, rows: Sequence[ScoreRow], *, options: ScoreOptions | 
     check_rows(rows, max_length)
     if not rows:
         return [], []
-    plan = plan_score(model, options)
+    plan = plan_score(model, options, max(len(r.context_ids) + len(c) for r in rows for c in r.continuations))
     for note in plan.notes:
         log.warning("exact fallback: %s", note)
     if plan.plain:
@@ -235,16 +250,17 @@ def score_rows(model: Any, rows: Sequence[ScoreRow], *, options: ScoreOptions | 
     names = _names(model, rows)
     pieces = pieces_of(rows, names, max_length)
     scores = Scores(sum(len(r.continuations) for r in rows), next(model.parameters()).device)
-    capacity = max(1, capacity)
-    if names[0] is None:
-        _passes(model, _forward(model, None, stop), pieces, scores, options, capacity)
-    elif plan.mixing == "per_variant":
-        for name in sorted({p.name for p in pieces if p.name is not None}):
-            with plain.variant(model, name):
-                alone = [Piece(p.context, p.continuations, p.owners, None) for p in pieces if p.name == name]
-                _passes(model, _forward(model, None, stop), alone, scores, options, capacity)
-    else:
-        _passes(model, _forward(model, plan.mixing, stop), pieces, scores, options, capacity)
+    capacity, options = max(1, capacity), plan.options
+    with flat_rows(model):
+        if names[0] is None:
+            _passes(model, _forward(model, None, stop), pieces, scores, options, capacity)
+        elif plan.mixing == "per_variant":
+            for name in sorted({p.name for p in pieces if p.name is not None}):
+                with plain.variant(model, name):
+                    alone = [Piece(p.context, p.continuations, p.owners, None) for p in pieces if p.name == name]
+                    _passes(model, _forward(model, None, stop), alone, scores, options, capacity)
+        else:
+            _passes(model, _forward(model, plan.mixing, stop), pieces, scores, options, capacity)
     return _results(rows, scores), list(plan.notes)
 
 
