@@ -15,7 +15,7 @@ of the choices' log-likelihoods) on every (example, variant), the max relative d
 per-choice log-likelihoods (ours from the run's `loglikelihoods` table, the harness's from its logged
 samples), and each variant's acc on both sides.
 
-    .venv/bin/python bench/loglik_vs_harness.py                  # demo model, 60 examples, best of 2: ~15 min
+    .venv/bin/python bench/loglik_vs_harness.py                  # demo model, 60 examples, best of 2: 2-15 min
     .venv/bin/python bench/loglik_vs_harness.py --examples 12 --repeats 1
     .venv/bin/python bench/loglik_vs_harness.py --tiny           # a tiny random Llama, seconds (tests/test_bench.py)
 
