@@ -340,7 +340,7 @@ def run_strategy(name: str, spec: dict[str, Any], *, batch: int, new_tokens: int
     tokens = 0
     passes = Passes(device)
     reset_peak(device)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
 
     def collect(variant: str, gens: list[list[int]]) -> None:
         nonlocal tokens
@@ -413,7 +413,8 @@ def run_strategy(name: str, spec: dict[str, Any], *, batch: int, new_tokens: int
         host.ensure_base(config.model.base, dtype=config.model.dtype)
         passes.watch(host.model.model)  # the decoder stack, which PEFT wraps in place when adapters load
         reset_peak(device)
-        started = time.perf_counter()  # like the others: the base model is loaded before the clock starts
+        # like the others: the base model is loaded before the clock starts
+        started, cpu_started = time.perf_counter(), time.process_time()
         specs = [VariantSpec("base", None), *[VariantSpec(n, p) for n, p in config.model.adapters]]
         texts = work.texts()
         for start in range(0, len(texts), chunk):
@@ -424,9 +425,9 @@ def run_strategy(name: str, spec: dict[str, Any], *, batch: int, new_tokens: int
                 outputs.setdefault(record.variant, []).append(record.output)
                 output_ids.setdefault(record.variant, []).append(cut(record.output_ids or [], work.eos_ids))
                 tokens += record.output_tokens
-    wall = time.perf_counter() - started
+    wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
     rows = sum(len(v) for v in outputs.values())
-    return {"strategy": name, "wall_s": wall, "rows": rows, "rows_per_s": rows / wall, "tokens": tokens,
+    return {"strategy": name, "wall_s": wall, "cpu_s": cpu, "rows": rows, "rows_per_s": rows / wall, "tokens": tokens,
             "tokens_per_s": tokens / wall, "peak_bytes": peak_bytes(device), "outputs": outputs,
             "output_ids": output_ids, "steps": [vars(x) for x in seen], "weight_bytes": wbytes,
             "passes": {k2: v for k2, v in vars(passes).items() if not k2.startswith("_")}}

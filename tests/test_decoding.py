@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from contract.config import GenerationConfig
-from worker.engine import kv_cache, lora_routing
+from worker.engine import attention, kv_cache, lora_routing
 from worker.engine.call import DecodeOptions
 from worker.engine.prefix import common_prefix
 from worker.engine.request import DecodeRequest
@@ -241,6 +241,7 @@ def test_the_cache_kept_in_place_hands_attention_what_a_concatenated_cache_would
     buffer when it runs out of room); whatever it does, attention must see exactly the keys and values
     of a plain cache that concatenates, pads on the left and indexes, with the shared prefix in front."""
     monkeypatch.setattr(kv_cache.RowsLayer, "SPARE", 1)  # out of room often: every move and growth path runs
+    monkeypatch.setattr(kv_cache.RowsLayer, "GROWTH", 0)
     rng = random.Random(3)
     gen = torch.Generator().manual_seed(3)
     heads, dim, plen = 2, 4, 3
@@ -288,9 +289,21 @@ def test_the_cache_kept_in_place_hands_attention_what_a_concatenated_cache_would
                 pick = pick + more
             else:
                 k = torch.randn(ref_k.shape[0], heads, 1, dim, generator=gen)
-                got_k, got_v = layer.update(k, k * 2)
+                in_place = attention._ACTIVE.set(case % 4 == 1)  # as under `attention.in_place`
+                try:
+                    got_k, got_v = layer.update(k, k * 2)
+                    handoff = attention._PENDING.get()
+                finally:
+                    attention._ACTIVE.reset(in_place)
+                    attention._PENDING.set(None)
                 ref_k, ref_v = torch.cat([ref_k, k], dim=2), torch.cat([ref_v, k * 2], dim=2)
-                if layer.prefix is not None:
+                if handoff is not None:  # the own columns in place, the prefix beside them
+                    assert case % 4 == 1 and got_k is handoff.keys and got_v is handoff.values
+                    assert torch.equal(got_k, ref_k) and torch.equal(got_v, ref_v)
+                    got_k, got_v = attention.assemble(handoff)
+                    assert torch.equal(got_k, whole(ref_k, pick, 0)) and torch.equal(got_v, whole(ref_v, pick, 1))
+                elif layer.prefix is not None:
+                    assert case % 4 != 1
                     assert torch.equal(got_k, whole(ref_k, pick, 0)) and torch.equal(got_v, whole(ref_v, pick, 1))
                 else:
                     assert torch.equal(got_k, ref_k) and torch.equal(got_v, ref_v)
@@ -301,6 +314,7 @@ def test_the_cache_kept_in_place_hands_attention_what_a_concatenated_cache_would
 
 def test_decoding_with_a_cache_that_is_always_out_of_room_is_unchanged(tiny: dict[str, Any], monkeypatch: Any) -> None:
     monkeypatch.setattr(kv_cache.RowsLayer, "SPARE", 0)
+    monkeypatch.setattr(kv_cache.RowsLayer, "GROWTH", 0)
     rows = tiny["rows"]
     got = decode_rows(tiny["model"], [p for p, _ in rows], request(GenerationConfig(max_new_tokens=NEW_TOKENS)),
                       options=DecodeOptions(capacity=7), adapter_names=[n for _, n in rows])

@@ -16,6 +16,7 @@ from __future__ import annotations
 import random
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,6 +24,7 @@ from contract.config import RunConfig
 from contract.settings import Settings
 from tests.tiny_models import ADAPTERS, ARCHITECTURES, make_adapter, make_model, plain_reference
 from worker.chunk import ChunkExample, VariantSpec, run_chunk
+from worker.engine import attention
 from worker.engine.call import DecodeOptions
 from worker.model_host import ModelHost
 
@@ -41,9 +43,11 @@ OPTIONS = {
     "routed LoRA off": replace(FAST, route_lora=False),
     "all logits": replace(FAST, last_logits_only=False),
     "head on real rows": replace(FAST, pad_output_rows=False),
+    "in-place attention off": replace(FAST, in_place_attention=False),
 }
 #: Each optimisation switched off alone: the slower part of the matrix.
-SLOW_OPTIONS = {"refill off", "shared prefix off", "routed LoRA off", "all logits", "head on real rows"}
+SLOW_OPTIONS = {"refill off", "shared prefix off", "routed LoRA off", "all logits", "head on real rows",
+                "in-place attention off"}
 
 
 def _prompts() -> list[str]:
@@ -125,6 +129,34 @@ def test_every_row_equals_plain_peft_alone(families: dict[str, Family], arch: st
                 tokens = len(family.ids[i])
                 wrong.append(f"{variant} prompt {i} ({tokens} tokens): {got[(i, variant)]} != {expected[i]}")
     assert not wrong, "\n".join(wrong)
+
+
+#: Architectures whose tiny model shares no prompt prefix here (a sliding window shorter than the rows).
+NO_SHARED_PREFIX = {"mistral", "gemma2", "gemma3_text"}
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_decode_steps_attend_in_place_wherever_a_prefix_is_shared(families: dict[str, Family], arch: str,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The matrix above proves the outputs; this, that it proves them with the in-place attention on:
+    every decode step with a shared prefix takes the split attention, none the copying fallback."""
+    calls = {"split": 0, "assembled": 0}
+    split, assemble = attention.split_attention, attention.assemble
+
+    def counted_split(*args: Any) -> Any:
+        calls["split"] += 1
+        return split(*args)
+
+    def counted_assemble(*args: Any) -> Any:
+        calls["assembled"] += 1
+        return assemble(*args)
+
+    monkeypatch.setattr(attention, "split_attention", counted_split)
+    monkeypatch.setattr(attention, "assemble", counted_assemble)
+    got, _engine = run_group(families[arch], "lora options", None)
+    assert calls["assembled"] == 0
+    assert (calls["split"] > 0) == (arch not in NO_SHARED_PREFIX), calls
+    assert got[(5, "r1")] == families[arch].reference("r1")[5]
 
 
 #: The exact fallback each case must say it took (a substring of the chunk's `engine` note), or None.

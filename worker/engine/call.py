@@ -29,6 +29,9 @@ class DecodeOptions:
     refill: bool = True
     #: Compute the prompt prefix common to every row once per variant, and hold its KV entries once.
     share_prefix: bool = True
+    #: With a shared prefix, decode steps attend over it and the rows' own columns in place (`attention`),
+    #: instead of over a copy of both.
+    in_place_attention: bool = True
     #: A common prefix shorter than this is not worth a separate pass.
     min_prefix: int = 4
     #: Admit waiting rows once this share of the batch is free (fewer, larger prefills).

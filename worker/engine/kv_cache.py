@@ -11,6 +11,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from . import attention
 from .lora_routing import Run, segments
 
 
@@ -63,14 +64,18 @@ class RowsLayer(DynamicLayer):
     - rows in use are buffer rows [0, m); their own columns are buffer columns [start, start + n),
       right-aligned: every row's newest entry is in the last column, shorter rows padded on the left
       (masked out by the batch's attention mask); `keys` / `values` are views of exactly that;
-    - `update` hands attention the whole [rows, heads, prefix + n, dim] (the prefix copied in front,
-      per run of rows of one variant, into `scratch`); to the model (mask sizes, positions) the layer is
-      `plen + n` long (`plen + columns written` while rows are pending);
+    - on a decode step under `attention.in_place`, `update` returns the own columns in place and hands
+      the prefix to attention beside them (`attention.hand_off`); otherwise (a prefill, or attention
+      other than `sdpa`) it returns the whole [rows, heads, prefix + n, dim] (the prefix copied in
+      front, per run of rows of one variant, into `scratch`); to the model (mask sizes, positions) the
+      layer is `plen + n` long (`plen + columns written` while rows are pending);
     - between `open` and `commit`, the next `update` is the joining rows' prefill, written at `_pending`.
     """
 
-    #: Columns allocated beyond those in use, so that only every SPARE-th step reallocates.
+    #: The fewest columns allocated beyond those in use ...
     SPARE = 4
+    #: ... and at least 1/GROWTH of the columns in use (0: SPARE only).
+    GROWTH = 4
 
     def __init__(self, prefix: tuple[torch.Tensor, torch.Tensor] | None = None, pick: Sequence[int] = (),
                  scratch: Scratch | None = None, reserve: int = 0) -> None:
@@ -106,9 +111,11 @@ class RowsLayer(DynamicLayer):
             self.keys, self.values = self._own(self._k), self._own(self._v)
 
     def _reallocate(self, rows: int, columns: int, like: torch.Tensor, at: int = 0) -> None:
-        """New buffers of at least `rows` rows and `columns` (+ spare) columns, zeros but for the rows
-        in use, copied in at column `at`."""
-        shape = (max(rows, self.reserve), like.shape[1], columns + self.SPARE, like.shape[3])
+        """New buffers of at least `rows` rows and `columns` (+ spare: SPARE, or 1/GROWTH more)
+        columns, zeros but for the rows in use, copied in at column `at`. The spare grows with the
+        columns, so that reallocating costs a few columns per step however long the rows get."""
+        spare = max(self.SPARE, columns // self.GROWTH if self.GROWTH else 0)
+        shape = (max(rows, self.reserve), like.shape[1], columns + spare, like.shape[3])
         k, v = like.new_zeros(shape), like.new_zeros(shape)
         if self._k is not None and self._v is not None:
             k[:self._m, :, at:at + self._n], v[:self._m, :, at:at + self._n] = self._own(self._k), self._own(self._v)
@@ -156,6 +163,10 @@ class RowsLayer(DynamicLayer):
         self._n += t
         self._sync()
         runs = segments(self.pick)
+        if t == 1 and self.prefix is not None and attention.active():  # a decode step: read in place
+            own_k, own_v = self._own(k), self._own(v)
+            attention.hand_off(attention.Handoff(own_k, own_v, self.prefix[0], self.prefix[1], runs))
+            return own_k, own_v
         return self._whole(self._own(k), 0, runs), self._whole(self._own(v), 1, runs)
 
     def _whole(self, own: torch.Tensor, which: int, runs: Sequence[Run]) -> torch.Tensor:

@@ -9,6 +9,9 @@ What it does that `transformers.generate` over fixed batches does not (each can 
   out, instead of draining to its longest row;
 - shared prefix (`prefix.SharedPrefix`): the prompt prefix common to every row is computed once per
   variant and its KV entries are held once per variant, not once per row;
+- in-place attention (`attention`): a decode step's attention reads the prefix and each row's own
+  columns where they are, the prefix once per run of rows of a variant, so that no step copies the
+  cache;
 - similar lengths: rows are admitted longest prompt first, so each prefill pads little;
 - logits for the last position only: the prefill never builds a [rows, tokens, vocab] tensor;
 - on CPU, the output projection runs on a multiple of 8 rows (`cpu_head`);
@@ -31,7 +34,7 @@ from typing import Any
 
 import torch
 
-from . import plain, steps
+from . import attention, plain, steps
 from .batch import Batch
 from .call import DecodeCall, DecodeOptions
 from .cpu_head import padding_rows
@@ -58,7 +61,8 @@ def decode_rows(model: Any, prompts: Sequence[Sequence[int]], request: DecodeReq
     call = DecodeCall(model, prompts, request, names, plan.options, plan)
     if names is not None and plan.mixing == "per_variant":
         return _pass_per_variant(call)
-    with padding_rows(model, call.options.pad_output_rows and call.device.type == "cpu"):
+    with padding_rows(model, call.options.pad_output_rows and call.device.type == "cpu"), \
+            attention.in_place(model, call.options.in_place_attention):
         return _stream(call)
 
 
