@@ -124,3 +124,16 @@ def test_in_place_switches_only_sdpa_models_and_always_restores() -> None:
         assert on and attention.active() and sdpa.config._attn_implementation == attention.NAME
         raise ValueError
     assert not attention.active() and sdpa.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+def test_a_bfloat16_split_keeps_the_dtype_and_the_values(kernel: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    if not kernel:
+        monkeypatch.setattr(attention, "_FLASH_CPU", None)
+    c = case(4, mask="bool")
+    h = c["handoff"]
+    c["handoff"] = attention.Handoff(*(t.to(torch.bfloat16) for t in h[:4]), h.runs)
+    c["query"] = c["query"].to(torch.bfloat16)
+    got = attention.split_attention(c["query"], c["handoff"], c["mask"], c["scale"]).transpose(1, 2)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, whole_sdpa(c), rtol=2e-2, atol=2e-2)

@@ -1,7 +1,7 @@
 """The benchmark scripts run, in their small modes: compare_strategies.py's GPU mode (random-weight
 Llama shapes, fixed output length) on CPU with a tiny shape, so it is ready for a lent GPU
 (`--device cuda --shape 1b --shape 8b`); rows_per_pass.py; control_plane.py with a few simulated
-workers; loglik_vs_harness.py on a tiny model against lm-evaluation-harness."""
+workers; loglik_vs_harness.py on a tiny model against lm-evaluation-harness; contention.py small."""
 
 from __future__ import annotations
 
@@ -56,6 +56,16 @@ def test_the_decode_steps_script_runs_tiny() -> None:
     assert re.search(r"^\s+~80\s+[\d.]+\s+4\s+\d+", out, re.MULTILINE), out
     if engines == "ours,vllm":
         assert re.search(r"^vllm: [\d.]+ s for the \d+ steps", out, re.MULTILINE), out
+
+
+def test_the_contention_benchmark_runs_small(demo_model: Path) -> None:
+    """bench/contention.py: a quiet and a loaded run of the chunk path per setting, the same outputs."""
+    done = subprocess.run([sys.executable, str(REPO / "bench/contention.py"), "--prompts", "1", "--adapters", "1",
+                           "--new-tokens", "3", "--load", "1", "--settings", "worker"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    line = r"^worker\s+GOMP_SPINCOUNT=10000\s+[\d.]+s.*[\d.]+x\s+yes$"
+    assert re.search(line, done.stdout, re.MULTILINE), done.stdout
 
 
 def test_the_vllm_peer_runs_tiny_with_the_same_outputs() -> None:

@@ -19,6 +19,9 @@ hold the engine to plain PEFT's greedy tokens with it. The prefix is visible to 
 step (causal, and `fidelity.plan_decode` shares no prefix under a sliding window shorter than the
 rows), so its part takes no mask.
 
+On CPU only: there the step's copy was the cost (memory bandwidth is what a CPU decode step is short
+of); on a GPU the engine keeps the copy until the split is measured there (`scheduler`).
+
 `in_place(model)` switches a model whose attention is `sdpa` to this function for one decode call;
 anything not handed off (prefill, a model's other attention calls) goes to transformers' own `sdpa`
 unchanged. Where the split cannot be computed (another attention option such as a soft cap or a
@@ -46,6 +49,7 @@ NAME = "lora_compare_in_place"
 
 #: The CPU flash-attention kernel that also returns the log-sum-exp (None: not in this torch).
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_FLASH_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class Handoff(NamedTuple):
@@ -111,24 +115,24 @@ def hand_off(handoff: Handoff) -> None:
 
 
 def _attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-               attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-               **kwargs: Any) -> tuple[torch.Tensor, None]:
-    """transformers' attention interface: `sdpa`, but for a handed-off layer, the split attention."""
+               attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """transformers' attention interface (`dropout`, `scaling` and the rest in `kwargs`): `sdpa`, but
+    for a handed-off layer, the split attention."""
     handoff = _PENDING.get()
     if handoff is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                      scaling=scaling, **kwargs)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     _PENDING.set(None)
     if key is not handoff.keys or value is not handoff.values:
         raise RuntimeError("in-place attention: the keys given to attention are not the cache's hand-off")
     plain_options = all(kwargs.get(k) is None for k in ("softcap", "position_bias", "s_aux", "sinks"))
-    if plain_options and dropout == 0.0 and query.shape[2] == 1 and _mask_ok(attention_mask, query, handoff):
+    if plain_options and not kwargs.get("dropout") and query.shape[2] == 1 \
+            and _mask_ok(attention_mask, query, handoff):
+        scaling = kwargs.get("scaling")
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         out = split_attention(query, handoff, attention_mask, scale)  # [rows, heads, 1, head_dim]
         return out.transpose(1, 2).contiguous(), None
     keys, values = assemble(handoff)
-    return sdpa_attention_forward(module, query, keys, values, attention_mask, dropout=dropout, scaling=scaling,
-                                  **kwargs)
+    return sdpa_attention_forward(module, query, keys, values, attention_mask, **kwargs)
 
 
 def _mask_ok(mask: torch.Tensor | None, query: torch.Tensor, handoff: Handoff) -> bool:
@@ -182,15 +186,16 @@ def split_attention(query: torch.Tensor, handoff: Handoff, mask: torch.Tensor | 
                          handoff.prefix_values[run.value:run.value + 1], None, scale)
         pre_out[run.start:run.end] = out.reshape(kv_heads, n, groups, dim).transpose(0, 1)
         pre_lse[run.start:run.end] = lse.reshape(kv_heads, n, groups).transpose(0, 1)
-    total = torch.logaddexp(own_lse, pre_lse)
-    merged = own_out * torch.exp(own_lse - total).unsqueeze(-1) + pre_out * torch.exp(pre_lse - total).unsqueeze(-1)
-    return merged.reshape(rows, heads, 1, dim)
+    total = torch.logaddexp(own_lse, pre_lse)  # float32
+    merged = own_out.float() * torch.exp(own_lse - total).unsqueeze(-1) \
+        + pre_out.float() * torch.exp(pre_lse - total).unsqueeze(-1)
+    return merged.to(query.dtype).reshape(rows, heads, 1, dim)
 
 
 def _part(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
           scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention [batch, kv heads, queries, head_dim] and its log-sum-exp [batch, kv heads, queries]."""
-    if _FLASH_CPU is not None and query.device.type == "cpu" and query.dtype == torch.float32:
+    if _FLASH_CPU is not None and query.device.type == "cpu" and query.dtype in _FLASH_DTYPES:
         out, lse = _FLASH_CPU(query, keys, values, 0.0, False, attn_mask=mask, scale=scale)
         return out, lse
     return reference_part(query, keys, values, mask, scale)

@@ -62,7 +62,7 @@ def decode_rows(model: Any, prompts: Sequence[Sequence[int]], request: DecodeReq
     if names is not None and plan.mixing == "per_variant":
         return _pass_per_variant(call)
     with padding_rows(model, call.options.pad_output_rows and call.device.type == "cpu"), \
-            attention.in_place(model, call.options.in_place_attention):
+            attention.in_place(model, call.options.in_place_attention and call.device.type == "cpu"):
         return _stream(call)
 
 
