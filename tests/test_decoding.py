@@ -79,11 +79,12 @@ def tiny() -> dict[str, Any]:
 
 
 ALL_OFF = DecodeOptions(capacity=6, refill=False, share_prefix=False, route_lora=False, last_logits_only=False,
-                        pad_output_rows=False)
+                        pad_output_rows=False, in_place_attention=False)
 VARIANTS = {
     "none": ALL_OFF,
     "refill": replace(ALL_OFF, refill=True),
-    "shared prefix": replace(ALL_OFF, share_prefix=True),
+    "shared prefix, copied for attention": replace(ALL_OFF, share_prefix=True),
+    "shared prefix, attended in place": replace(ALL_OFF, share_prefix=True, in_place_attention=True),
     "routed LoRA": replace(ALL_OFF, route_lora=True),
     "last logits only": replace(ALL_OFF, last_logits_only=True),
     "output projection on padded rows": replace(ALL_OFF, pad_output_rows=True),

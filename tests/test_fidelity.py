@@ -43,11 +43,9 @@ OPTIONS = {
     "routed LoRA off": replace(FAST, route_lora=False),
     "all logits": replace(FAST, last_logits_only=False),
     "head on real rows": replace(FAST, pad_output_rows=False),
-    "in-place attention off": replace(FAST, in_place_attention=False),
 }
 #: Each optimisation switched off alone: the slower part of the matrix.
-SLOW_OPTIONS = {"refill off", "shared prefix off", "routed LoRA off", "all logits", "head on real rows",
-                "in-place attention off"}
+SLOW_OPTIONS = {"refill off", "shared prefix off", "routed LoRA off", "all logits", "head on real rows"}
 
 
 def _prompts() -> list[str]:
