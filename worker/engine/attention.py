@@ -42,6 +42,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from .fidelity import base_config
 from .lora_routing import Run
 
 #: The attention implementation's name while `in_place` is on.
@@ -78,16 +79,11 @@ def _register() -> None:
         _registered = True
 
 
-def _config(model: Any) -> Any:
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return inner.config
-
-
 @contextmanager
 def in_place(model: Any, enabled: bool = True) -> Iterator[bool]:
     """For the duration: `model`'s attention is `_attention` when it is `sdpa` (yields whether it is),
     so that its caches may hand off (`active`). Restored on exit, errors included."""
-    config = _config(model)
+    config = base_config(model)
     if not enabled or getattr(config, "_attn_implementation", None) != "sdpa":
         yield False
         return

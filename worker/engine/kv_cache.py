@@ -161,13 +161,12 @@ class RowsLayer(DynamicLayer):
         k[:self._m, :, end:end + t] = key_states
         v[:self._m, :, end:end + t] = value_states
         self._n += t
-        self._sync()
+        own_k, own_v = self.keys, self.values = self._own(k), self._own(v)  # as `_sync`, views made once
         runs = segments(self.pick)
         if t == 1 and self.prefix is not None and attention.active():  # a decode step: read in place
-            own_k, own_v = self._own(k), self._own(v)
             attention.hand_off(attention.Handoff(own_k, own_v, self.prefix[0], self.prefix[1], runs))
             return own_k, own_v
-        return self._whole(self._own(k), 0, runs), self._whole(self._own(v), 1, runs)
+        return self._whole(own_k, 0, runs), self._whole(own_v, 1, runs)
 
     def _whole(self, own: torch.Tensor, which: int, runs: Sequence[Run]) -> torch.Tensor:
         """The prefix (each run of rows with its variant's) followed by the rows' own columns `own`
