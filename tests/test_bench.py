@@ -1,7 +1,8 @@
 """The benchmark scripts run, in their small modes: compare_strategies.py's GPU mode (random-weight
 Llama shapes, fixed output length) on CPU with a tiny shape, so it is ready for a lent GPU
 (`--device cuda --shape 1b --shape 8b`); rows_per_pass.py; control_plane.py with a few simulated
-workers; loglik_vs_harness.py on a tiny model against lm-evaluation-harness; contention.py small."""
+workers; loglik_vs_harness.py on a tiny model against lm-evaluation-harness; contention.py small;
+linear_kernels.py on the tiny shape."""
 
 from __future__ import annotations
 
@@ -129,3 +130,15 @@ def test_the_loglik_benchmark_against_the_harness_runs_tiny() -> None:
     worst = float(re.search(r"log-likelihoods ([\d.e+-]+)", out).group(1))  # type: ignore[union-attr]
     assert worst < 1e-4, out
     assert out.count("load at ") == 2
+
+
+def test_the_linear_kernels_script_runs_tiny() -> None:
+    """bench/linear_kernels.py: MKL and oneDNN side by side per layer shape, then the engine with the
+    switch off and on, with the same tokens."""
+    done = subprocess.run([sys.executable, str(REPO / "bench/linear_kernels.py"), "--shape", "tiny", "--rows", "1", "8",
+                           "--prompts", "2", "--new-tokens", "6", "--repeat", "1"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    assert re.search(r"^\s+64 x 128\s+\d+\s+8\s+[\d.]+\s+[\d.]+\s+[\d.]+x", out, re.MULTILINE), out
+    assert re.search(r"^engine: MKL [\d.]+ s, oneDNN [\d.]+ s .* tokens the same on 6/6 rows$", out, re.MULTILINE), out

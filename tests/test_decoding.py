@@ -79,7 +79,7 @@ def tiny() -> dict[str, Any]:
 
 
 ALL_OFF = DecodeOptions(capacity=6, refill=False, share_prefix=False, route_lora=False, last_logits_only=False,
-                        pad_output_rows=False, in_place_attention=False)
+                        pad_output_rows=False, in_place_attention=False, onednn_linear=False)
 VARIANTS = {
     "none": ALL_OFF,
     "refill": replace(ALL_OFF, refill=True),
@@ -88,6 +88,7 @@ VARIANTS = {
     "routed LoRA": replace(ALL_OFF, route_lora=True),
     "last logits only": replace(ALL_OFF, last_logits_only=True),
     "output projection on padded rows": replace(ALL_OFF, pad_output_rows=True),
+    "float32 linear layers through oneDNN": replace(ALL_OFF, onednn_linear=True),
     "all": DecodeOptions(capacity=6),
     "all, one row at a time": DecodeOptions(capacity=1),
     "all, everything in one batch": DecodeOptions(capacity=100),

@@ -42,6 +42,8 @@ class DecodeOptions:
     last_logits_only: bool = True
     #: On CPU, run the output projection on a multiple of 8 rows (faster there with float32 BLAS).
     pad_output_rows: bool = True
+    #: On CPU, float32 linear layers through oneDNN instead of MKL's GEMM (`cpu_linear`).
+    onednn_linear: bool = True
 
 
 def _last_logits_kwargs(model: Any) -> dict[str, int]:

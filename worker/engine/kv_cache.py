@@ -78,13 +78,16 @@ class RowsLayer(DynamicLayer):
     GROWTH = 4
 
     def __init__(self, prefix: tuple[torch.Tensor, torch.Tensor] | None = None, pick: Sequence[int] = (),
-                 scratch: Scratch | None = None, reserve: int = 0) -> None:
+                 scratch: Scratch | None = None, reserve: int = 0, limit: int = 0) -> None:
         super().__init__()
         #: (keys, values) of the shared prefix, each [variants, heads, prefix, head_dim]; None: no prefix.
         self.prefix = prefix
         self.pick = list(pick)
         self.scratch = scratch if scratch is not None else Scratch()
         self.reserve = reserve  # rows to allocate at least (the batch's capacity)
+        #: The most columns any row can use (its prompt after the prefix + its token budget; 0: unknown):
+        #: the spare never goes beyond it.
+        self.limit = limit
         #: [reserved rows, heads, allocated columns, head_dim]; None until the first `update`.
         self._k: torch.Tensor | None = None
         #: [reserved rows, heads, allocated columns, head_dim], as `_k`.
@@ -111,10 +114,13 @@ class RowsLayer(DynamicLayer):
             self.keys, self.values = self._own(self._k), self._own(self._v)
 
     def _reallocate(self, rows: int, columns: int, like: torch.Tensor, at: int = 0) -> None:
-        """New buffers of at least `rows` rows and `columns` (+ spare: SPARE, or 1/GROWTH more)
-        columns, zeros but for the rows in use, copied in at column `at`. The spare grows with the
-        columns, so that reallocating costs a few columns per step however long the rows get."""
+        """New buffers of at least `rows` rows and `columns` (+ spare: SPARE, or 1/GROWTH more, but
+        never past `limit`) columns, zeros but for the rows in use, copied in at column `at`. The
+        spare grows with the columns, so that reallocating costs a few columns per step however long
+        the rows get."""
         spare = max(self.SPARE, columns // self.GROWTH if self.GROWTH else 0)
+        if self.limit:
+            spare = min(spare, max(0, self.limit - columns))
         shape = (max(rows, self.reserve), like.shape[1], columns + spare, like.shape[3])
         k, v = like.new_zeros(shape), like.new_zeros(shape)
         if self._k is not None and self._v is not None:
@@ -242,7 +248,8 @@ class RowsLayer(DynamicLayer):
         self._sync()
 
 
-def rows_cache(layers: list[RowsLayer] | None = None, scratch: Scratch | None = None, reserve: int = 0) -> DynamicCache:
+def rows_cache(layers: list[RowsLayer] | None = None, scratch: Scratch | None = None, reserve: int = 0,
+               limit: int = 0) -> DynamicCache:
     """A cache of `RowsLayer`s: these, or (no shared prefix) one made per decoder layer as it runs."""
     cache = DynamicCache()
     if layers:
@@ -250,7 +257,7 @@ def rows_cache(layers: list[RowsLayer] | None = None, scratch: Scratch | None = 
         cache.layer_class_to_replicate = None
     else:
         cache.layers = []
-        made: Any = functools.partial(RowsLayer, scratch=scratch, reserve=reserve)
+        made: Any = functools.partial(RowsLayer, scratch=scratch, reserve=reserve, limit=limit)
         cache.layer_class_to_replicate = made
     return cache
 

@@ -14,7 +14,8 @@ What it does that `transformers.generate` over fixed batches does not (each can 
   cache;
 - similar lengths: rows are admitted longest prompt first, so each prefill pads little;
 - logits for the last position only: the prefill never builds a [rows, tokens, vocab] tensor;
-- on CPU, the output projection runs on a multiple of 8 rows (`cpu_head`);
+- on CPU, the output projection runs on a multiple of 8 rows (`cpu_head`), and float32 linear layers
+  run through oneDNN rather than MKL's GEMM (`cpu_linear`);
 - one host-device sync per decode step: the sampled tokens, read back once (`tolist`); the next
   step's input is taken from them on the device, and which rows remain is known on the host;
 - a shutdown stops it at the next step: `DecodeRequest.check_stop` reads a Python flag and raises
@@ -34,7 +35,7 @@ from typing import Any
 
 import torch
 
-from . import attention, plain, steps
+from . import attention, cpu_linear, plain, steps
 from .batch import Batch
 from .call import DecodeCall, DecodeOptions
 from .cpu_head import padding_rows
@@ -61,8 +62,10 @@ def decode_rows(model: Any, prompts: Sequence[Sequence[int]], request: DecodeReq
     call = DecodeCall(model, prompts, request, names, plan.options, plan)
     if names is not None and plan.mixing == "per_variant":
         return _pass_per_variant(call)
-    with padding_rows(model, call.options.pad_output_rows and call.device.type == "cpu"), \
-            attention.in_place(model, call.options.in_place_attention and call.device.type == "cpu"):
+    cpu = call.device.type == "cpu"
+    with padding_rows(model, call.options.pad_output_rows and cpu), \
+            cpu_linear.onednn(model, call.options.onednn_linear and cpu), \
+            attention.in_place(model, call.options.in_place_attention and cpu):
         return _stream(call)
 
 
@@ -156,14 +159,16 @@ def _prefill(call: DecodeCall, rows: list[int], reserve: int = 0, into: Batch | 
     positions = start + (tail_mask.cumsum(dim=-1) - 1).clamp(min=0)  # [rows, width]; pads are masked anyway
     row_names = [names[r] for r in rows] if names is not None else None
     pick = [prefix.index[n] for n in row_names] if prefix is not None and row_names is not None else [0] * len(rows)
+    # No row ever holds more columns than the longest prompt after the prefix and its token budget.
+    limit = max(len(p) for p in call.prompts) - start + call.request.gen.max_new_tokens
     if into is not None:
         cache = into.cache
         for layer in cache_layers(cache):
             layer.open(pick, width)
     elif prefix is not None:
-        cache = rows_cache([RowsLayer(layer, pick, call.scratch, reserve) for layer in prefix.layers])
+        cache = rows_cache([RowsLayer(layer, pick, call.scratch, reserve, limit) for layer in prefix.layers])
     else:
-        cache = rows_cache(scratch=call.scratch, reserve=reserve)
+        cache = rows_cache(scratch=call.scratch, reserve=reserve, limit=limit)
     mask = torch.cat([tail_mask.new_ones((len(rows), start)), tail_mask], dim=-1)  # [rows, prefix + width]
     out = call.forward(row_names, input_ids=ids, attention_mask=mask, position_ids=positions,
                        past_key_values=cache, use_cache=True, **call.prefill_kwargs)

@@ -1,0 +1,114 @@
+"""Float32 linear layers through oneDNN on CPU, in the decode steps of a decode call.
+
+torch's CPU build runs a float32 `nn.Linear` as an MKL GEMM. On this project's CPU (AMD EPYC,
+AVX-512) MKL's float32 GEMM is slow on the decode step's shapes: the demo model's 49152 x 576 output
+projection took 21.9 ms for 24 rows where oneDNN (the library torch already ships for its bfloat16
+and fused CPU kernels) takes 12.1 ms on the plain weight as it is, and an MLP projection 0.63 ms
+against 0.44 ms with the weights read from memory (`bench/linear_kernels.py`). Inside `onednn(model,
+True)`, a plain `nn.Linear` of the model (base layers under LoRA, the LM head) whose input has one
+position per row (a decode step) computes `x @ W.T + b` with `torch.ops.mkldnn._linear_pointwise`
+on the same weight tensor: no copy, no packing, and a weight changed in place (a merged adapter) is
+read as it is. The rows are padded to a multiple of `ROWS`: oneDNN keeps a primitive (JIT code and a
+scratch buffer, about 2.4 MiB for the demo model's head) per row count it has seen, so padding bounds
+them to one per multiple of 8. What remains is a fixed cost of the library, measured in
+bench/README.md.
+
+The products are the same up to float rounding (another summation order, as a GEMM over another
+number of rows already is); the decode and fidelity tests require the same tokens as plain PEFT with
+it on. Everything else runs `F.linear`, exactly as `nn.Linear` does: prefills and scoring passes
+(many positions per row, where oneDNN gains little), weights under `MIN_WEIGHT` elements (LoRA's A
+and B), other dtypes (bfloat16 and float16 already go through oneDNN in torch), other devices,
+autograd (gradients enabled), and a torch without the operator (`available()` is false: it is never
+used, and the log says so once).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import types
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+
+log = logging.getLogger(__name__)
+
+#: oneDNN's inputs are padded to a multiple of this many rows (see `linear`).
+ROWS = 8
+#: Smaller weights (LoRA's A and B, tiny models) keep MKL: oneDNN's ~20 us per call is more than
+#: their whole product (`bench/linear_kernels.py --shape tiny`).
+MIN_WEIGHT = 1 << 16
+
+#: Whether the linear layers patched by `install` use oneDNN (inside `onednn`).
+ACTIVE: ContextVar[bool] = ContextVar("onednn_linear", default=False)
+
+
+@functools.cache
+def available() -> bool:
+    """Whether this torch has oneDNN's linear operator and it computes `F.linear` (up to rounding) on
+    a probe with a bias, a 3-D input and a non-contiguous one."""
+    op = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
+    if op is None or not torch.backends.mkldnn.is_available():
+        log.info("oneDNN linear unavailable in this torch: float32 linear layers use its default GEMM")
+        return False
+    try:
+        gen = torch.Generator().manual_seed(0)
+        weight = torch.randn(24, 40, generator=gen)
+        bias = torch.randn(24, generator=gen)
+        x = torch.randn(5, 3, 40, generator=gen)[:, 1:, :]  # [5, 2, 40], not contiguous
+        got = op(x, weight, bias, "none", [], "")
+        ok = bool(got.shape == (5, 2, 24) and torch.allclose(got, F.linear(x, weight, bias), rtol=1e-5, atol=1e-5))
+    except RuntimeError as error:
+        log.info("oneDNN linear refused a probe (%s): float32 linear layers use torch's default GEMM", error)
+        return False
+    if not ok:
+        log.warning("oneDNN linear disagreed with F.linear on a probe: float32 linear layers use torch's default GEMM")
+    return ok
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`F.linear(x, weight, bias)`; through oneDNN inside `onednn` where it applies (float32 on CPU,
+    no gradients)."""
+    if (ACTIVE.get() and weight.numel() >= MIN_WEIGHT and (x.dim() == 2 or (x.dim() == 3 and x.shape[1] == 1))
+            and x.dtype == torch.float32 and weight.dtype == torch.float32 and x.device.type == "cpu"
+            and not torch.is_grad_enabled()):
+        rows = x.numel() // x.shape[-1]
+        if rows % ROWS == 0:
+            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        padded = x.new_zeros((rows + ROWS - rows % ROWS, x.shape[-1]))  # [rows rounded up, in]
+        padded[:rows] = x.reshape(rows, x.shape[-1])
+        out = torch.ops.mkldnn._linear_pointwise(padded, weight, bias, "none", [], "")
+        return out[:rows].reshape(*x.shape[:-1], weight.shape[0])
+    return F.linear(x, weight, bias)
+
+
+def _forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return linear(x, self.weight, self.bias)
+
+
+def install(model: Any) -> None:
+    """Give every plain `nn.Linear` of `model` without a forward of its own (the output projection
+    has one: `cpu_head`) a forward that goes through `linear`; outside `onednn` it is `F.linear`."""
+    for module in model.modules():
+        if type(module) is torch.nn.Linear and "forward" not in vars(module):
+            module.forward = types.MethodType(_forward, module)  # type: ignore[method-assign]
+
+
+@contextmanager
+def onednn(model: Any, on: bool) -> Iterator[None]:
+    """Within the block, the model's float32 linear layers run through oneDNN (`on` and `available()`)."""
+    on = on and available()
+    if on:
+        from .cpu_head import pad_output_rows
+
+        pad_output_rows(model)  # the head's own forward, which calls `linear` too
+        install(model)
+    token = ACTIVE.set(on)
+    try:
+        yield
+    finally:
+        ACTIVE.reset(token)
