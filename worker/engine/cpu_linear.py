@@ -2,9 +2,9 @@
 
 torch's CPU build runs a float32 `nn.Linear` as an MKL GEMM. On this project's CPU (AMD EPYC,
 AVX-512) MKL's float32 GEMM is slow on the decode step's shapes: the demo model's 49152 x 576 output
-projection took 21.9 ms for 24 rows where oneDNN (the library torch already ships for its bfloat16
-and fused CPU kernels) takes 12.1 ms on the plain weight as it is, and an MLP projection 0.63 ms
-against 0.44 ms with the weights read from memory (`bench/linear_kernels.py`). Inside `onednn(model,
+projection took 21.0 ms for 24 rows where oneDNN (the library torch already ships for its bfloat16
+and fused CPU kernels) takes 10.9 ms on the plain weight as it is, and an MLP up-projection 0.49 ms
+against 0.38 ms with the weights read from memory (`bench/linear_kernels.py`, 2026-11-30). Inside `onednn(model,
 True)`, a plain `nn.Linear` of the model (base layers under LoRA, the LM head) whose input has one
 position per row (a decode step) computes `x @ W.T + b` with `torch.ops.mkldnn._linear_pointwise`
 on the same weight tensor: no copy, no packing, and a weight changed in place (a merged adapter) is
