@@ -36,6 +36,7 @@ SETTINGS: dict[str, dict[str, str]] = {
     "worker": {"GOMP_SPINCOUNT": SPINCOUNT},  # what the worker sets (`worker.threads`)
     "libgomp": {"GOMP_SPINCOUNT": "300000"},  # libgomp's default with OMP_WAIT_POLICY unset
     "passive": {"OMP_WAIT_POLICY": "PASSIVE"},  # sleep at once
+    "spin1000": {"GOMP_SPINCOUNT": "1000"},  # a shorter spin than the worker's
     "active": {"OMP_WAIT_POLICY": "ACTIVE"},  # spin (almost) forever
 }
 _OMP = ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")
