@@ -42,12 +42,9 @@ def padded_rows_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     if FLAT_ROWS.get() and x.dim() > 2:
         flat = cpu_linear.linear(x.reshape(rows, x.shape[-1]), self.weight, self.bias)  # [rows, out]
         return flat.view(*x.shape[:-1], self.weight.shape[0])
-    if rows % 8 == 0 or not PAD_ROWS.get():
+    if not PAD_ROWS.get():
         return cpu_linear.linear(x, self.weight, self.bias)
-    padded = x.new_zeros((rows + 8 - rows % 8, x.shape[-1]))  # [rows rounded up to 8, in]
-    padded[:rows] = x.reshape(rows, x.shape[-1])
-    out = cpu_linear.linear(padded, self.weight, self.bias)
-    return out[:rows].reshape(*x.shape[:-1], self.weight.shape[0])
+    return cpu_linear.padded_rows(x, self.weight, self.bias, 8, cpu_linear.linear)
 
 
 def pad_output_rows(model: Any) -> None:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import functools
 import logging
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
@@ -70,19 +70,32 @@ def available() -> bool:
     return ok
 
 
+Product = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+def _onednn_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+def padded_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, multiple: int,
+                product: Product) -> torch.Tensor:
+    """`product(x, weight, bias)` on `x` [..., in] with its rows padded with zeros to a multiple of
+    `multiple`; the real rows' products, [..., out]."""
+    rows = x.numel() // x.shape[-1]
+    if rows % multiple == 0:
+        return product(x, weight, bias)
+    padded = x.new_zeros((rows + multiple - rows % multiple, x.shape[-1]))  # [rows rounded up, in]
+    padded[:rows] = x.reshape(rows, x.shape[-1])
+    return product(padded, weight, bias)[:rows].reshape(*x.shape[:-1], weight.shape[0])
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """`F.linear(x, weight, bias)`; through oneDNN inside `onednn` where it applies (float32 on CPU,
     no gradients)."""
     if (ACTIVE.get() and weight.numel() >= MIN_WEIGHT and (x.dim() == 2 or (x.dim() == 3 and x.shape[1] == 1))
             and x.dtype == torch.float32 and weight.dtype == torch.float32 and x.device.type == "cpu"
             and not torch.is_grad_enabled()):
-        rows = x.numel() // x.shape[-1]
-        if rows % ROWS == 0:
-            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-        padded = x.new_zeros((rows + ROWS - rows % ROWS, x.shape[-1]))  # [rows rounded up, in]
-        padded[:rows] = x.reshape(rows, x.shape[-1])
-        out = torch.ops.mkldnn._linear_pointwise(padded, weight, bias, "none", [], "")
-        return out[:rows].reshape(*x.shape[:-1], weight.shape[0])
+        return padded_rows(x, weight, bias, ROWS, _onednn_product)
     return F.linear(x, weight, bias)
 
 
