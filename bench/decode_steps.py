@@ -93,6 +93,44 @@ class Profiler:
             self._left = PROFILED_STEPS
 
 
+def kv_bytes_per_token(model: Any) -> int:
+    """Bytes of keys and values one token of context holds in every layer (the cache's dtype)."""
+    config = model.config
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return 2 * config.num_hidden_layers * kv_heads * head_dim * model.dtype.itemsize
+
+
+def read_bandwidth() -> float:
+    """Bytes/s this machine reads from memory: a sum over 256 MiB of float32, best of 5."""
+    import torch
+
+    data = torch.ones(64 * 2**20, dtype=torch.float32)
+    best = float("inf")
+    for _ in range(5):
+        started = time.perf_counter()
+        data.sum()
+        best = min(best, time.perf_counter() - started)
+    return data.numel() * 4 / best
+
+
+def print_floor(seen: list[dict[str, Any]], args: argparse.Namespace, per_token: int) -> None:
+    """The attention's keys and values read per step at the first and last context, their time at the
+    measured read bandwidth, and the lowest ms/step ratio they allow (all else as at the first)."""
+    first, last = args.contexts[0], args.contexts[-1]
+    ms_first, rows_first, _ = at(seen, first, args.window)
+    _, rows_last, _ = at(seen, last, args.window)
+    bandwidth = read_bandwidth()
+    read_first = rows_first * first * per_token
+    read_last = rows_last * last * per_token
+    extra_ms = (read_last - read_first) / bandwidth * 1000
+    print(f"floor: keys and values read per step (ours): {read_first / 1e9:.2f} GB at ~{first}, "
+          f"{read_last / 1e9:.2f} GB at ~{last} ({per_token / 1024:.1f} KiB a token, {rows_last:.0f} rows); at "
+          f"{bandwidth / 1e9:.1f} GB/s (a sum over 256 MiB) the difference alone is {extra_ms:.1f} ms, so with "
+          f"all else as at ~{first} ms/step at ~{last} / ~{first} is at least {(ms_first + extra_ms) / ms_first:.2f}x")
+
+
 def run_ours(work: Workload, spec: dict[str, Any], args: argparse.Namespace,
              profiler: Profiler | None) -> tuple[float, list[dict[str, Any]]]:
     import torch
@@ -105,6 +143,7 @@ def run_ours(work: Workload, spec: dict[str, Any], args: argparse.Namespace,
 
     torch.set_num_threads(args.threads)
     model = work.load_base()
+    args.kv_per_token = kv_bytes_per_token(model)
     peft = _attach(work, model, spec)
     lora_routing.install(peft)
     rows = [(p, v) for p in work.prompt_ids() for v in variants(args.adapters)]
@@ -211,6 +250,8 @@ def main() -> None:
         grow = medians[engine][-1] / medians[engine][0]
         print(f"{engine}: {wall:.1f} s for the {len(seen)} steps; ms/step at ~{args.contexts[-1]} / at "
               f"~{args.contexts[0]}: {grow:.2f}x")
+    if "ours" in results:
+        print_floor(results["ours"][1], args, args.kv_per_token)
 
 
 if __name__ == "__main__":

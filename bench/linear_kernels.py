@@ -7,8 +7,9 @@ Two parts, each side by side in one run:
    (`torch.ops.mkldnn._linear_pointwise`), the weights of every layer of that shape cycled as in a
    forward pass (so they come from memory, not from cache), and the largest difference of the two.
 2. **Engine.** `decode_rows` over P prompts x (base + K adapters), every row in one batch, with
-   `DecodeOptions.onednn_linear` off and on, alternated --repeat times; the fastest of each, their
-   ratio, and whether the tokens are the same.
+   `DecodeOptions.onednn_linear` off, then on with each --min-weights (the smallest weight, in
+   elements, that goes to oneDNN: `cpu_linear.MIN_WEIGHT`), alternated --repeat times; the fastest
+   of each, its ratio to MKL's, and whether the tokens are the same.
 
     .venv/bin/python bench/linear_kernels.py                     # demo model, about 3 minutes on 2 cores
     .venv/bin/python bench/linear_kernels.py --shape tiny --rows 1 8 --prompts 2 --new-tokens 8 --repeat 1
@@ -73,6 +74,7 @@ def engine(work: Any, peft: Any, args: argparse.Namespace) -> None:
     import torch
 
     from contract.config import GenerationConfig
+    from worker.engine import cpu_linear
     from worker.engine.call import DecodeOptions
     from worker.engine.request import DecodeRequest
     from worker.engine.scheduler import decode_rows
@@ -80,22 +82,32 @@ def engine(work: Any, peft: Any, args: argparse.Namespace) -> None:
     rows = [(p, v) for p in work.prompt_ids() for v in variants(args.adapters)]
     names = ["__base__" if v == "base" else v for _, v in rows]
     request = DecodeRequest(GenerationConfig(max_new_tokens=args.new_tokens), set(), work.pad_id, torch.device("cpu"))
-    seconds: dict[bool, list[float]] = {False: [], True: []}
-    tokens: dict[bool, list[list[int]]] = {}
+    # the arms: MKL (oneDNN off), then oneDNN with each smallest weight it takes
+    arms: list[tuple[str, int | None]] = [("MKL", None), *[(f"oneDNN >= {m}", m) for m in args.min_weights]]
+    seconds: dict[str, list[float]] = {name: [] for name, _ in arms}
+    tokens: dict[str, list[list[int]]] = {}
+    default = cpu_linear.MIN_WEIGHT
     print(f"\nengine: {len(rows)} rows ({args.prompts} prompts x (base + {args.adapters} adapters)) in one batch, "
-          f"{args.new_tokens} new tokens (EOS ignored), oneDNN off and on alternated {args.repeat}x")
-    for turn in range(args.repeat):
-        for on in (False, True):
-            started = time.perf_counter()
-            tokens[on] = decode_rows(peft, [p for p, _ in rows], request,
-                                     options=DecodeOptions(capacity=len(rows), onednn_linear=on), adapter_names=names)
-            seconds[on].append(time.perf_counter() - started)
-        print(f"  turn {turn + 1}: MKL {seconds[False][-1]:.2f} s, oneDNN {seconds[True][-1]:.2f} s", flush=True)
-    mkl, dnn = min(seconds[False]), min(seconds[True])
-    same = sum(a == b for a, b in zip(tokens[False], tokens[True]))
-    print(f"engine: MKL {mkl:.2f} s, oneDNN {dnn:.2f} s (fastest of {args.repeat}): "
-          f"speed-up with oneDNN {mkl / dnn:.2f}x; "
-          f"tokens the same on {same}/{len(rows)} rows")
+          f"{args.new_tokens} new tokens (EOS ignored), {', '.join(n for n, _ in arms)} alternated {args.repeat}x "
+          f"(oneDNN >= N: weights of at least N elements through oneDNN; the default is {default})")
+    try:
+        for turn in range(args.repeat):
+            for name, least in arms:
+                cpu_linear.MIN_WEIGHT = least if least is not None else default
+                started = time.perf_counter()
+                tokens[name] = decode_rows(peft, [p for p, _ in rows], request,
+                                           options=DecodeOptions(capacity=len(rows), onednn_linear=least is not None),
+                                           adapter_names=names)
+                seconds[name].append(time.perf_counter() - started)
+            print(f"  turn {turn + 1}: " + ", ".join(f"{n} {seconds[n][-1]:.2f} s" for n, _ in arms), flush=True)
+    finally:
+        cpu_linear.MIN_WEIGHT = default
+    mkl = min(seconds["MKL"])
+    for name, _ in arms[1:]:
+        best = min(seconds[name])
+        same = sum(a == b for a, b in zip(tokens["MKL"], tokens[name]))
+        print(f"engine: MKL {mkl:.2f} s, {name} {best:.2f} s (fastest of {args.repeat}): "
+              f"speed-up {mkl / best:.2f}x; tokens the same as MKL's on {same}/{len(rows)} rows")
 
 
 def main() -> None:
@@ -107,6 +119,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--min-weights", type=int, nargs="+", default=[1 << 16, 1 << 17],
+                        help="the engine's oneDNN arms: the smallest weight (elements) each sends to oneDNN")
     args = parser.parse_args()
 
     import torch

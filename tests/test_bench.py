@@ -42,7 +42,8 @@ def test_the_gpu_mode_runs_on_cpu_with_a_tiny_shape() -> None:
 
 def test_the_decode_steps_script_runs_tiny() -> None:
     """bench/decode_steps.py on the tiny shape: our engine's steps are recorded (`worker.engine.steps`),
-    every row stays in flight, and the table has a line per context (vLLM where its venv is installed)."""
+    every row stays in flight, the table has a line per context (vLLM where its venv is installed), and
+    the keys' and values' reads give a floor."""
     from bench.vllm_peer import client
 
     engines = "ours,vllm" if client.python() is not None else "ours"
@@ -55,6 +56,7 @@ def test_the_decode_steps_script_runs_tiny() -> None:
     # 24 new tokens: the prefill gives the first, 23 decode steps the rest, each over all 4 rows
     assert re.search(r"^ours: [\d.]+ s for the 23 steps", out, re.MULTILINE), out
     assert re.search(r"^\s+~80\s+[\d.]+\s+4\s+\d+", out, re.MULTILINE), out
+    assert re.search(r"^floor: keys and values read per step .* at least [\d.]+x$", out, re.MULTILINE), out
     if engines == "ours,vllm":
         assert re.search(r"^vllm: [\d.]+ s for the \d+ steps", out, re.MULTILINE), out
 
@@ -134,11 +136,28 @@ def test_the_loglik_benchmark_against_the_harness_runs_tiny() -> None:
 
 def test_the_linear_kernels_script_runs_tiny() -> None:
     """bench/linear_kernels.py: MKL and oneDNN side by side per layer shape, then the engine with the
-    switch off and on, with the same tokens."""
+    switch off and on (every weight through oneDNN, and the default threshold), with the same tokens."""
     done = subprocess.run([sys.executable, str(REPO / "bench/linear_kernels.py"), "--shape", "tiny", "--rows", "1", "8",
-                           "--prompts", "2", "--new-tokens", "6", "--repeat", "1"],
+                           "--prompts", "2", "--new-tokens", "6", "--repeat", "1", "--min-weights", "0", "65536"],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     out = done.stdout
     assert re.search(r"^\s+64 x 128\s+\d+\s+8\s+[\d.]+\s+[\d.]+\s+[\d.]+x", out, re.MULTILINE), out
-    assert re.search(r"^engine: MKL [\d.]+ s, oneDNN [\d.]+ s .* tokens the same on 6/6 rows$", out, re.MULTILINE), out
+    for least in (0, 65536):
+        assert re.search(rf"^engine: MKL [\d.]+ s, oneDNN >= {least} [\d.]+ s .* tokens the same as MKL's on 6/6 rows$",
+                         out, re.MULTILINE), out
+
+
+def test_the_decode_attention_script_runs_tiny() -> None:
+    """bench/decode_attention.py: the engine's attention kernel, the plain form and the read of the same
+    keys and values, per context, with the two kernels agreeing."""
+    done = subprocess.run([sys.executable, str(REPO / "bench/decode_attention.py"), "--layers", "2", "--rows", "2",
+                           "--contexts", "16", "32", "--repeat", "1"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    for context in (16, 32):
+        found = re.search(rf"^\s+{context}\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+[\d.]+x\s+([\d.e+-]+)$", out,
+                          re.MULTILINE)
+        assert found and float(found.group(1)) < 1e-5, out
+    assert re.search(r"^from ~16 to ~32: flash [+-][\d.]+ ms, the read alone [+-][\d.]+ ms$", out, re.MULTILINE), out

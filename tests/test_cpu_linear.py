@@ -26,7 +26,7 @@ def ops(run: Callable[[], Any]) -> set[str]:
     return {e.key for e in prof.key_averages()}
 
 
-H, INNER, VOCAB = 128, 512, 600  # every weight at least `MIN_WEIGHT` elements
+H, INNER, VOCAB = 256, 512, 600  # every weight at least `MIN_WEIGHT` elements
 
 
 class Model(torch.nn.Module):
