@@ -126,5 +126,6 @@ def main() -> None:
             line += f"{'-':>12}{'-':>11}{'-':>17}"
         print(f"{line}  {'yes' if same else 'NO'}")
 
+
 if __name__ == "__main__":
     main()

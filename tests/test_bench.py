@@ -56,7 +56,7 @@ def test_the_decode_steps_script_runs_tiny() -> None:
     # 24 new tokens: the prefill gives the first, 23 decode steps the rest, each over all 4 rows
     assert re.search(r"^ours: [\d.]+ s for the 23 steps", out, re.MULTILINE), out
     assert re.search(r"^\s+~80\s+[\d.]+\s+4\s+\d+", out, re.MULTILINE), out
-    assert re.search(r"^floor: keys and values read per step .* at least [\d.]+x$", out, re.MULTILINE), out
+    assert re.search(r"^floor: keys and values read per step .* no lower than about [\d.]+x$", out, re.MULTILINE), out
     if engines == "ours,vllm":
         assert re.search(r"^vllm: [\d.]+ s for the \d+ steps", out, re.MULTILINE), out
 
