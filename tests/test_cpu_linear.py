@@ -49,6 +49,12 @@ class Model(torch.nn.Module):
         return self.head(self.down(torch.relu(self.up(x))))
 
 
+@pytest.fixture(autouse=True)
+def _seeded() -> None:
+    """Every test's random inputs the same from run to run (the tolerances are for these sizes)."""
+    torch.manual_seed(0)
+
+
 def close(got: torch.Tensor, expected: torch.Tensor) -> None:
     """Equal up to float32 rounding of another summation order."""
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
@@ -118,7 +124,7 @@ def test_a_weight_changed_in_place_is_read_as_it_is() -> None:
     x = torch.randn(4, H)
     with torch.inference_mode(), cpu_linear.onednn(model, True):
         before = model(x)
-        model.up.weight.add_(0.5)
+        model.up.weight.add_(0.5 / H ** 0.5)  # a change of the weights' own scale, as a merged adapter's
         after = model(x)
     assert not torch.allclose(before, after)
     close(after, plain(model, x))
