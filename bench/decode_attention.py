@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,17 +30,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-
-def best_ms(run: Callable[[int], Any], layers: int, repeat: int) -> float:
-    """Fastest of `repeat` passes of `run(layer)` over every layer, in ms."""
-    run(0)  # warm: first-call allocations
-    best = float("inf")
-    for _ in range(repeat):
-        started = time.perf_counter()
-        for layer in range(layers):
-            run(layer)
-        best = min(best, time.perf_counter() - started)
-    return best * 1000
+from bench.linear_kernels import best_ms  # noqa: E402
 
 
 def measure(context: int, args: argparse.Namespace, gen: Any) -> tuple[float, float, float, float]:
@@ -62,9 +51,13 @@ def measure(context: int, args: argparse.Namespace, gen: Any) -> tuple[float, fl
     def own(layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         return keys[layer][:, :, :context], values[layer][:, :, :context]
 
-    flash = best_ms(lambda layer: _part(query, *own(layer), mask, scale), args.layers, args.repeat)
-    plain = best_ms(lambda layer: reference_part(query, *own(layer), mask, scale), args.layers, args.repeat)
-    read = best_ms(lambda layer: [t.sum() for t in own(layer)], args.layers, args.repeat)
+    def every_layer(run: Callable[[int], Any]) -> float:
+        """Fastest ms of one pass of `run(layer)` over every layer (`linear_kernels.best_ms`)."""
+        return best_ms(lambda: [run(layer) for layer in range(args.layers)], args.repeat)
+
+    flash = every_layer(lambda layer: _part(query, *own(layer), mask, scale))
+    plain = every_layer(lambda layer: reference_part(query, *own(layer), mask, scale))
+    read = every_layer(lambda layer: [t.sum() for t in own(layer)])
     diff = (_part(query, *own(0), mask, scale)[0] - reference_part(query, *own(0), mask, scale)[0]).abs().max()
     return flash, plain, read, diff.item()
 
