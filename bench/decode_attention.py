@@ -3,9 +3,11 @@
 At long contexts a decode step's cost that grows with the context is attention reading the keys and
 values. This times one decode step's attention over every layer for R rows at each context T, the
 demo model's shape by default (30 layers, 3 key/value heads of 64, 3 query heads per key/value head),
-float32, three ways side by side:
+float32, four ways side by side:
 
-- `flash`: what the engine runs (`worker.engine.attention._part`: torch's CPU flash attention, which
+- `kernel`: what the engine runs where it can (`worker.engine.cpu_attention`: each key and value read
+  once for all the query heads that share it, in blocks of 16 keys);
+- `flash`: what it runs otherwise (`worker.engine.attention._part`: torch's CPU flash attention, which
   also returns the log-sum-exp for the split over prefix and own columns);
 - `matmul`: the same in plain operations (`attention.reference_part`: scores, log-sum-exp, product);
 - `read`: a sum over the same keys and values, the time to read them at this machine's bandwidth,
@@ -33,11 +35,13 @@ sys.path.insert(0, str(REPO))
 from bench.linear_kernels import best_ms  # noqa: E402
 
 
-def measure(context: int, args: argparse.Namespace, gen: Any) -> tuple[float, float, float, float]:
-    """(flash ms, matmul ms, read ms, largest difference of flash and matmul) at `context`."""
+def measure(context: int, args: argparse.Namespace, gen: Any) -> tuple[float, float | None, float, float, float]:
+    """(flash ms, kernel ms or None where it is unavailable, matmul ms, read ms, largest difference of
+    the engine's attention and matmul) at `context`."""
     import torch
 
-    from worker.engine.attention import _part, reference_part
+    from worker.engine import cpu_attention
+    from worker.engine.attention import Handoff, _part, reference_part
 
     rows, kv, groups, dim = args.rows, args.kv_heads, args.groups, args.head_dim
     capacity = context + max(4, context // 4)  # the cache's spare columns
@@ -55,11 +59,24 @@ def measure(context: int, args: argparse.Namespace, gen: Any) -> tuple[float, fl
         """Fastest ms of one pass of `run(layer)` over every layer (`linear_kernels.best_ms`)."""
         return best_ms(lambda: [run(layer) for layer in range(args.layers)], args.repeat)
 
-    flash = every_layer(lambda layer: _part(query, *own(layer), mask, scale))
-    plain = every_layer(lambda layer: reference_part(query, *own(layer), mask, scale))
-    read = every_layer(lambda layer: [t.sum() for t in own(layer)])
-    diff = (_part(query, *own(0), mask, scale)[0] - reference_part(query, *own(0), mask, scale)[0]).abs().max()
-    return flash, plain, read, diff.item()
+    no_prefix = torch.empty(1, kv, 0, dim)
+    handoffs = [Handoff(*own(layer), no_prefix, no_prefix, ()) for layer in range(args.layers)]
+    query_rows = query.reshape(rows, kv * groups, 1, dim)
+    own_mask = mask.reshape(rows, 1, 1, context)
+
+    def kernel_layer(layer: int) -> torch.Tensor:
+        out = cpu_attention.attend(query_rows, handoffs[layer], own_mask, scale)
+        assert out is not None
+        return out
+
+    with torch.no_grad():
+        flash = every_layer(lambda layer: _part(query, *own(layer), mask, scale))
+        kernel = every_layer(kernel_layer) if cpu_attention.available() else None
+        plain = every_layer(lambda layer: reference_part(query, *own(layer), mask, scale))
+        read = every_layer(lambda layer: [t.sum() for t in own(layer)])
+        want = reference_part(query, *own(0), mask, scale)[0]
+        got = kernel_layer(0).reshape(want.shape) if kernel is not None else _part(query, *own(0), mask, scale)[0]
+    return flash, kernel, plain, read, (got - want).abs().max().item()
 
 
 def main() -> None:
@@ -82,17 +99,21 @@ def main() -> None:
     per_token = 2 * args.layers * kv * dim * 4
     print(f"{rows} rows, {args.layers} layers x {kv} key/value heads of {dim} ({groups} query heads each), float32, "
           f"{args.threads} threads; ms for one decode step's attention over every layer, best of {args.repeat}")
-    print(f"{'context':>8}{'GB read':>9}{'flash ms':>10}{'matmul ms':>11}{'read ms':>9}{'flash/read':>12}"
-          f"{'max diff':>10}")
-    measured: list[tuple[float, float]] = []  # (flash, read) per context
+    print(f"{'context':>8}{'GB read':>9}{'kernel ms':>11}{'flash ms':>10}{'matmul ms':>11}{'read ms':>9}"
+          f"{'kernel/read':>13}{'flash/read':>12}{'flash/kernel':>14}{'max diff':>10}")
+    measured: list[tuple[float, float | None, float]] = []  # (flash, kernel, read) per context
     for context in args.contexts:
-        flash, plain, read, diff = measure(context, args, gen)
-        print(f"{context:>8}{rows * context * per_token / 1e9:>9.3f}{flash:>10.1f}{plain:>11.1f}{read:>9.1f}"
-              f"{flash / read:>11.2f}x{diff:>10.1e}", flush=True)
-        measured.append((flash, read))
+        flash, kernel, plain, read, diff = measure(context, args, gen)
+        k = f"{kernel:>11.1f}" if kernel is not None else f"{'-':>11}"
+        kr = f"{kernel / read:>12.2f}x" if kernel is not None else f"{'-':>13}"
+        fk = f"{flash / kernel:>13.2f}x" if kernel is not None else f"{'-':>14}"
+        print(f"{context:>8}{rows * context * per_token / 1e9:>9.3f}{k}{flash:>10.1f}{plain:>11.1f}{read:>9.1f}"
+              f"{kr}{flash / read:>11.2f}x{fk}{diff:>10.1e}", flush=True)
+        measured.append((flash, kernel, read))
     if len(measured) > 1:
-        (flash0, read0), (flash1, read1) = measured[0], measured[-1]
-        print(f"from ~{args.contexts[0]} to ~{args.contexts[-1]}: flash {flash1 - flash0:+.1f} ms, "
+        (flash0, kernel0, read0), (flash1, kernel1, read1) = measured[0], measured[-1]
+        grown = f"kernel {kernel1 - kernel0:+.1f} ms, " if kernel0 is not None and kernel1 is not None else ""
+        print(f"from ~{args.contexts[0]} to ~{args.contexts[-1]}: {grown}flash {flash1 - flash0:+.1f} ms, "
               f"the read alone {read1 - read0:+.1f} ms")
 
 

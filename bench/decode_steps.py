@@ -7,9 +7,12 @@ against its context alone. Ours: `worker.engine.scheduler.decode_rows` with its 
 core's steps, timed in its process (`bench/vllm_peer/peer.py`). A table gives the median ms per
 decode step at each --contexts length (steps within --window tokens of it), and the ratio of the
 longest to the shortest (issue 16's acceptance 2: ours within 1.3x from 100 to 1,000 tokens).
+A third engine, `flash`, is ours with torch's flash attention in place of the decode-attention kernel
+(`worker.engine.cpu_attention`), for the kernel's share of the growth in the same run.
 
     .venv/bin/python bench/decode_steps.py                                  # demo model, 8 x 3 rows, to ~1,050
     .venv/bin/python bench/decode_steps.py --profile                        # + where our step's time goes
+    .venv/bin/python bench/decode_steps.py --engines ours,flash             # the kernel against torch's flash
     .venv/bin/python bench/decode_steps.py --shape tiny --prompts 2 --adapters 1 --new-tokens 40 --contexts 50 80
 
 --profile runs torch's profiler over a few steps just after each timed window (so it does not
@@ -134,8 +137,28 @@ def print_floor(seen: list[dict[str, Any]], args: argparse.Namespace, per_token:
           f"{(ms_first + extra_ms) / ms_first:.2f}x")
 
 
+def run_flash(work: Workload, spec: dict[str, Any], args: argparse.Namespace,
+              profiler: Profiler | None) -> tuple[float, list[dict[str, Any]]]:
+    """`run_ours` with the decode-attention kernel switched off (torch's flash attention instead)."""
+    import os
+
+    from worker.engine import cpu_attention
+
+    before = os.environ.get(cpu_attention.ENV)
+    os.environ[cpu_attention.ENV] = "0"
+    cpu_attention._kernel.cache_clear()
+    try:
+        return run_ours(work, spec, args, profiler, name="flash")
+    finally:
+        if before is None:
+            del os.environ[cpu_attention.ENV]
+        else:
+            os.environ[cpu_attention.ENV] = before
+        cpu_attention._kernel.cache_clear()
+
+
 def run_ours(work: Workload, spec: dict[str, Any], args: argparse.Namespace,
-             profiler: Profiler | None) -> tuple[float, list[dict[str, Any]]]:
+             profiler: Profiler | None, name: str = "ours") -> tuple[float, list[dict[str, Any]]]:
     import torch
 
     from contract.config import GenerationConfig
@@ -157,7 +180,7 @@ def run_ours(work: Workload, spec: dict[str, Any], args: argparse.Namespace,
     def record(step: steps.DecodeStep) -> None:
         seen.append({"s": step.seconds, "rows": step.rows, "context": step.context, "prefill": step.prefill})
         while pending and step.context > pending[0] + args.window:  # as it goes: a stopped run keeps these
-            print(f"  ours at ~{pending[0]}: {at(seen, pending[0], args.window)[0]:.2f} ms/step", flush=True)
+            print(f"  {name} at ~{pending[0]}: {at(seen, pending[0], args.window)[0]:.2f} ms/step", flush=True)
             pending.pop(0)
         if profiler is not None:
             profiler(step.context)
@@ -214,7 +237,8 @@ def main() -> None:
     parser.add_argument("--contexts", type=int, nargs="+", default=[100, 500, 1000])
     parser.add_argument("--window", type=int, default=8, help="steps within this many tokens of a context count")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--engines", default="ours,vllm")
+    parser.add_argument("--engines", default="ours,vllm", help="of ours, flash (ours without the attention "
+                        "kernel) and vllm")
     parser.add_argument("--profile", action="store_true", help="where our step's time goes at each context")
     parser.add_argument("--top", type=int, default=12)
     args = parser.parse_args()
@@ -232,13 +256,16 @@ def main() -> None:
         print(f"{args.shape}: {args.prompts} prompts x (base + {args.adapters} adapters) = {rows} rows in flight, "
               f"{args.new_tokens} new tokens each (EOS ignored), float32, greedy, {args.threads} threads")
         for engine in engines:
-            results[engine] = (run_ours(work, spec, args, profiler) if engine == "ours"
-                               else run_vllm(work, spec, args, tmp))
+            if engine == "vllm":
+                results[engine] = run_vllm(work, spec, args, tmp)
+            else:
+                results[engine] = (run_ours if engine == "ours" else run_flash)(work, spec, args, profiler)
             wall, seen = results[engine]  # as it ends, so that a run stopped later keeps it
             print(f"{engine}: " + ", ".join(f"~{t}: {at(seen, t, args.window)[0]:.2f} ms/step" for t in args.contexts)
                   + f" ({wall:.1f} s, {len(seen)} steps)", flush=True)
+    others = [e for e in results if e != "ours"] if "ours" in results else []
     print(f"\n{'context':>8}" + "".join(f"{e + ' ms/step':>16}{'rows':>6}{'steps':>6}" for e in results)
-          + (f"{'ours/vllm':>11}" if len(results) == 2 else ""))
+          + "".join(f"{'ours/' + e:>12}" for e in others))
     medians: dict[str, list[float]] = {e: [] for e in results}
     for target in args.contexts:
         line = f"{'~' + str(target):>8}"
@@ -246,8 +273,8 @@ def main() -> None:
             ms, mean_rows, count = at(seen, target, args.window)
             medians[engine].append(ms)
             line += f"{ms:>16.2f}{mean_rows:>6.0f}{count:>6}"
-        if len(results) == 2:
-            line += f"{medians['ours'][-1] / medians['vllm'][-1]:>10.2f}x"
+        for e in others:
+            line += f"{medians['ours'][-1] / medians[e][-1]:>11.2f}x"
         print(line)
     for engine, (wall, seen) in results.items():
         grow = medians[engine][-1] / medians[engine][0]

@@ -7,6 +7,7 @@ back (not handed off, or options the split does not take) must be bit for bit `s
 
 from __future__ import annotations
 
+import ctypes
 import random
 from types import SimpleNamespace
 from typing import Any
@@ -15,7 +16,7 @@ import pytest
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from worker.engine import attention
+from worker.engine import attention, cpu_attention
 from worker.engine.lora_routing import segments
 
 
@@ -23,8 +24,8 @@ def case(seed: int, *, mask: str) -> dict[str, Any]:
     """Random shapes: rows of several prefix variants, grouped heads, left-padded own columns."""
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
-    rows, kv_heads, groups = rng.randrange(1, 10), rng.choice([1, 2, 3]), rng.choice([1, 3, 4])
-    dim, plen, own = rng.choice([8, 64]), rng.randrange(1, 40), rng.randrange(1, 300)
+    rows, kv_heads, groups = rng.randrange(1, 10), rng.choice([1, 2, 3]), rng.choice([1, 3, 4, 7])
+    dim, plen, own = rng.choice([8, 16, 48, 64, 128]), rng.randrange(0, 40), rng.randrange(1, 300)
     variants = rng.randrange(1, 4)
     pick = sorted(rng.randrange(variants) for _ in range(rows))
     width = own + rng.randrange(0, 5)  # the buffer's columns: the own columns are a strided view of it
@@ -53,23 +54,26 @@ def whole_sdpa(c: dict[str, Any], **kwargs: Any) -> torch.Tensor:
     return out
 
 
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "flash"])
 @pytest.mark.parametrize("mask", ["none", "bool", "additive"])
 @pytest.mark.parametrize("seed", range(12))
-def test_split_attention_equals_sdpa_over_the_whole_keys(seed: int, mask: str) -> None:
+def test_split_attention_equals_sdpa_over_the_whole_keys(seed: int, mask: str, kernel: bool) -> None:
+    """Both CPU paths: `cpu_attention`'s kernel (head_dim a multiple of 16) and torch's flash split."""
     c = case(seed, mask=mask)
     expected = whole_sdpa(c)  # [rows, 1, heads, head_dim]
-    got = attention.split_attention(c["query"], c["handoff"], c["mask"], c["scale"]).transpose(1, 2)
+    with torch.no_grad():
+        got = attention.split_attention(c["query"], c["handoff"], c["mask"], c["scale"], kernel).transpose(1, 2)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_the_plain_operations_part_equals_the_cpu_kernel(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_plain_operations_part_equals_the_cpu_flash_kernel(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """`reference_part` (other devices) and the CPU flash kernel compute the same split."""
     c = case(seed, mask="bool")
-    kernel = attention.split_attention(c["query"], c["handoff"], c["mask"], c["scale"])
+    flash = attention.split_attention(c["query"], c["handoff"], c["mask"], c["scale"], kernel=False)
     monkeypatch.setattr(attention, "_FLASH_CPU", None)
-    plain = attention.split_attention(c["query"], c["handoff"], c["mask"], c["scale"])
-    torch.testing.assert_close(plain, kernel, rtol=1e-5, atol=1e-5)
+    plain = attention.split_attention(c["query"], c["handoff"], c["mask"], c["scale"], kernel=False)
+    torch.testing.assert_close(plain, flash, rtol=1e-5, atol=1e-5)
 
 
 def call(c: dict[str, Any], **kwargs: Any) -> torch.Tensor:
@@ -137,3 +141,104 @@ def test_a_bfloat16_split_keeps_the_dtype_and_the_values(kernel: bool, monkeypat
     got = attention.split_attention(c["query"], c["handoff"], c["mask"], c["scale"]).transpose(1, 2)
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got, whole_sdpa(c), rtol=2e-2, atol=2e-2)
+
+
+def kernel_case(seed: int, *, dim: int = 64, mask: str = "bool") -> dict[str, Any]:
+    """A `case` whose head_dim the kernel takes."""
+    for s in range(seed * 1000, seed * 1000 + 1000):
+        c = case(s, mask=mask)
+        if c["query"].shape[-1] == dim:
+            return c
+    raise AssertionError("no case of that head_dim")
+
+
+def test_the_kernel_is_available_where_the_project_is_tested() -> None:
+    """The decode speed of issue 16 rests on it: a CI machine (a C compiler, torch's OpenMP) builds it."""
+    assert cpu_attention.available(), "worker/engine/cpu_attention.c did not build or load: see the log"
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_kernel_is_the_same_bit_for_bit_whatever_the_threads(seed: int) -> None:
+    """Each (row, head) is one thread's whole sum: the thread count cannot change a result."""
+    c = kernel_case(seed)
+    outs = []
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            with torch.no_grad():
+                outs.append(attention.split_attention(c["query"], c["handoff"], c["mask"], c["scale"]))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+def test_the_kernel_takes_a_mask_shared_by_every_row_and_no_prefix() -> None:
+    c = kernel_case(1, mask="additive")
+    h = c["handoff"]
+    c["handoff"] = attention.Handoff(h.keys, h.values, h.prefix_keys[:, :, :0], h.prefix_values[:, :, :0], h.runs)
+    c["mask"] = c["mask"][:1, :, :, h.prefix_keys.shape[2]:]  # one row's padding for all rows
+    expected = whole_sdpa(c)
+    with torch.no_grad():
+        got = attention.split_attention(c["query"], c["handoff"], c["mask"], c["scale"]).transpose(1, 2)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_shapes_the_kernel_does_not_take_go_the_flash_way() -> None:
+    c = kernel_case(2, dim=8)
+    assert not cpu_attention.applies(c["query"], c["handoff"], c["mask"])
+    c = kernel_case(2)
+    assert cpu_attention.applies(c["query"], c["handoff"], c["mask"]) == (not torch.is_grad_enabled())
+    with torch.no_grad():
+        assert cpu_attention.applies(c["query"], c["handoff"], c["mask"])
+        assert not cpu_attention.applies(c["query"].to(torch.float64), c["handoff"], c["mask"])
+
+
+@pytest.fixture
+def fresh_kernel(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """`cpu_attention._kernel` forgotten, building into an empty cache; remembered again afterwards."""
+    monkeypatch.setenv("LORA_COMPARE_CACHE", str(tmp_path))
+    cpu_attention._kernel.cache_clear()
+    yield tmp_path
+    cpu_attention._kernel.cache_clear()
+
+
+def test_the_kernel_is_built_once_into_the_cache_and_loaded_from_it(fresh_kernel: Any,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    assert cpu_attention.available()
+    built = list((fresh_kernel / "kernels").glob("cpu_attention-*.so"))
+    assert len(built) == 1
+    cpu_attention._kernel.cache_clear()
+
+    def no_build(*args: Any) -> None:
+        raise AssertionError("built again")
+
+    monkeypatch.setattr(cpu_attention, "_build", no_build)
+    assert cpu_attention.available()
+
+
+def test_without_a_compiler_or_when_switched_off_the_engine_keeps_flash(fresh_kernel: Any,
+                                                                        monkeypatch: pytest.MonkeyPatch,
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("CC", "/bin/false")
+    with caplog.at_level("WARNING", logger=cpu_attention.__name__):
+        assert not cpu_attention.available()
+    assert "could not be built" in caplog.text and "flash attention is used" in caplog.text
+    c = kernel_case(3)
+    with torch.no_grad():
+        got = attention.split_attention(c["query"], c["handoff"], c["mask"], c["scale"]).transpose(1, 2)
+    torch.testing.assert_close(got, whole_sdpa(c), rtol=1e-5, atol=1e-5)
+    cpu_attention._kernel.cache_clear()
+    monkeypatch.delenv("CC")
+    monkeypatch.setenv(cpu_attention.ENV, "0")
+    assert not cpu_attention.available()
+
+
+def test_a_kernel_that_disagrees_with_the_plain_operations_is_not_used() -> None:
+    def wrong(*args: Any) -> int:
+        out = args[-2]  # leaves the output as torch.empty made it, or zeroes it
+        ctypes.memset(out, 0, 4)
+        return 0
+
+    assert not cpu_attention._probe(wrong)
+    assert cpu_attention._probe(cpu_attention._kernel())

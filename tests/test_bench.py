@@ -42,11 +42,11 @@ def test_the_gpu_mode_runs_on_cpu_with_a_tiny_shape() -> None:
 
 def test_the_decode_steps_script_runs_tiny() -> None:
     """bench/decode_steps.py on the tiny shape: our engine's steps are recorded (`worker.engine.steps`),
-    every row stays in flight, the table has a line per context (vLLM where its venv is installed), and
-    the keys' and values' reads give a floor."""
+    every row stays in flight, the table has a line per context (ours with torch's flash attention beside,
+    vLLM where its venv is installed), and the keys' and values' reads give a floor."""
     from bench.vllm_peer import client
 
-    engines = "ours,vllm" if client.python() is not None else "ours"
+    engines = "ours,flash,vllm" if client.python() is not None else "ours,flash"
     done = subprocess.run([sys.executable, str(REPO / "bench/decode_steps.py"), "--shape", "tiny", "--prompts", "2",
                            "--adapters", "1", "--new-tokens", "24", "--contexts", "70", "80", "--engines", engines],
                           capture_output=True, text=True, timeout=600)
@@ -55,9 +55,11 @@ def test_the_decode_steps_script_runs_tiny() -> None:
     assert "2 prompts x (base + 1 adapters) = 4 rows in flight, 24 new tokens each" in out
     # 24 new tokens: the prefill gives the first, 23 decode steps the rest, each over all 4 rows
     assert re.search(r"^ours: [\d.]+ s for the 23 steps", out, re.MULTILINE), out
+    assert re.search(r"^flash: [\d.]+ s for the 23 steps", out, re.MULTILINE), out
+    assert re.search(r"^\s+~80\s+[\d.]+\s+4\s+\d+\s+[\d.]+\s+4\s+\d+.*\s+[\d.]+x$", out, re.MULTILINE), out
     assert re.search(r"^\s+~80\s+[\d.]+\s+4\s+\d+", out, re.MULTILINE), out
     assert re.search(r"^floor: keys and values read per step .* no lower than about [\d.]+x$", out, re.MULTILINE), out
-    if engines == "ours,vllm":
+    if engines == "ours,flash,vllm":
         assert re.search(r"^vllm: [\d.]+ s for the \d+ steps", out, re.MULTILINE), out
 
 
@@ -149,15 +151,16 @@ def test_the_linear_kernels_script_runs_tiny() -> None:
 
 
 def test_the_decode_attention_script_runs_tiny() -> None:
-    """bench/decode_attention.py: the engine's attention kernel, the plain form and the read of the same
-    keys and values, per context, with the two kernels agreeing."""
+    """bench/decode_attention.py: the engine's attention kernel, torch's flash kernel, the plain form and the
+    read of the same keys and values, per context, the kernel agreeing with the plain form."""
     done = subprocess.run([sys.executable, str(REPO / "bench/decode_attention.py"), "--layers", "2", "--rows", "2",
                            "--contexts", "16", "32", "--repeat", "1"],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     out = done.stdout
-    for context in (16, 32):
-        found = re.search(rf"^\s+{context}\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+[\d.]+x\s+([\d.e+-]+)$", out,
+    for context in (16, 32):  # context, GB, kernel, flash, matmul, read ms, three ratios, largest difference
+        found = re.search(rf"^\s+{context}\s+[\d.]+" + r"\s+[\d.]+" * 4 + r"\s+[\d.]+x" * 3 + r"\s+([\d.e+-]+)$", out,
                           re.MULTILINE)
         assert found and float(found.group(1)) < 1e-5, out
-    assert re.search(r"^from ~16 to ~32: flash [+-][\d.]+ ms, the read alone [+-][\d.]+ ms$", out, re.MULTILINE), out
+    grown = r"^from ~16 to ~32: kernel [+-][\d.]+ ms, flash [+-][\d.]+ ms, the read alone [+-][\d.]+ ms$"
+    assert re.search(grown, out, re.MULTILINE), out

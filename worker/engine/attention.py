@@ -14,6 +14,12 @@ log-sum-exp, as cascade attention does:
 - merged: out = o_own * exp(lse_own - lse) + o_prefix * exp(lse_prefix - lse), lse = logaddexp(...),
   which is softmax over all columns (the same sum, split in two).
 
+On CPU in float32 (head_dim a multiple of 16), `cpu_attention`'s kernel does both parts in one pass
+instead: per row and key/value head, the prefix columns and then the own columns under one online
+softmax, each key and value read once for all the query heads that share it, at about the memory's
+speed (torch's flash kernel took 1.5-2x as long, `bench/decode_attention.py`). Where it is not
+available the parts go to torch's flash kernel as above.
+
 Only the numbers' summation order changes, as between any two attention kernels; the fidelity tests
 hold the engine to plain PEFT's greedy tokens with it. The prefix is visible to every row at every
 step (causal, and `fidelity.plan_decode` shares no prefix under a sliding window shorter than the
@@ -42,6 +48,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from . import cpu_attention
 from .fidelity import base_config
 from .lora_routing import Run
 
@@ -164,15 +171,24 @@ def _additive(mask: torch.Tensor | None, columns: int, like: torch.Tensor) -> to
 
 
 def split_attention(query: torch.Tensor, handoff: Handoff, mask: torch.Tensor | None,
-                    scale: float) -> torch.Tensor:
+                    scale: float, kernel: bool = True) -> torch.Tensor:
     """Attention of one query per row [rows, heads, 1, head_dim] over the prefix and the own columns of
-    `handoff`, computed apart and merged: [rows, heads, 1, head_dim]."""
+    `handoff`: [rows, heads, 1, head_dim]. On CPU in float32, `cpu_attention`'s kernel where it is
+    available (`kernel`); otherwise the two parts computed apart and merged."""
+    own_mask = _additive(mask, handoff.keys.shape[2], query)
+    if kernel:
+        if own_mask is not None and own_mask.stride(-1) != 1:
+            own_mask = own_mask.contiguous()
+        out = cpu_attention.attend(query, handoff, own_mask, scale)
+        if out is not None:
+            return out
     rows, heads, _, dim = query.shape
     kv_heads = handoff.keys.shape[1]
     groups = heads // kv_heads
     q = query.reshape(rows, kv_heads, groups, dim)  # a row's heads sharing a kv head, as its queries
-    own_mask = _additive(mask, handoff.keys.shape[2], query)
     own_out, own_lse = _part(q, handoff.keys, handoff.values, own_mask, scale)  # [rows, kv, g, d], [rows, kv, g]
+    if handoff.prefix_keys.shape[2] == 0:  # no prefix columns (torch's flash kernel fails on none)
+        return own_out.reshape(rows, heads, 1, dim)
     pre_out, pre_lse = torch.empty_like(own_out), torch.empty_like(own_lse)
     for run in handoff.runs:
         n = run.end - run.start

@@ -1,0 +1,221 @@
+"""A decode step's attention on CPU, reading each key and value once at the memory's speed.
+
+At long contexts a CPU decode step's growth is attention reading the keys and values. torch's CPU
+flash attention took 2.1-2.3x the time of reading them (bench/decode_attention.py): with a few
+query heads per key/value head its products are 3-row matrix products, which its kernels run far
+below the memory's bandwidth. `cpu_attention.c` does one (row, key/value head) pair at a time: the
+head's query heads against the row's prefix columns and then its own columns, in one pass of an
+online softmax over blocks of 16 keys, each key and value loaded once for all of them, the blocks a
+younger row's left padding hides not read at all. Nothing is copied: the own columns are read in the
+cache's buffer, the prefix in its variant's tensor.
+
+It is C, compiled here on first use by the machine's C compiler (`CC`, else `cc`) for this CPU
+(`-march=native`) and kept in the cache folder (`LORA_COMPARE_CACHE`/kernels, by a hash of the
+source, the compiler, the CPU's flags and torch's OpenMP runtime), then loaded with ctypes. Its
+threads are OpenMP's, linked to the runtime torch itself loaded, so `torch.set_num_threads` sizes
+them and no second pool competes with torch's. Where any of that is missing (no compiler, no OpenMP
+runtime in torch, a build that fails, a probe that disagrees with the plain operations), `attend`
+returns None and the engine keeps torch's flash attention; the log says why, once.
+
+The numbers are the same softmax in another summation order (and an exp within about 1 ulp), as
+between any two attention kernels: tests/test_attention.py holds it to the plain operations at float32
+rounding, and the fidelity tests hold the engine to plain PEFT's greedy tokens with it on.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from .attention import Handoff
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_attention.c")
+#: head_dim: a multiple of the kernel's vector width, at most MAX_DIM; query heads per kv head: MAX_GROUPS.
+WIDTH, MAX_DIM, MAX_GROUPS = 16, 256, 16
+#: Set to "0" to keep torch's flash attention (an A/B switch for benchmarks and for bisecting).
+ENV = "LORA_COMPARE_ATTENTION_KERNEL"
+
+_i64p = ctypes.POINTER(ctypes.c_int64)
+_ARGTYPES: list[Any] = [
+    ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_float,  # shape, q, scale
+    ctypes.c_void_p, ctypes.c_void_p, _i64p, _i64p, ctypes.c_int64,  # own keys, values, strides, columns
+    ctypes.c_void_p, ctypes.c_int64,  # mask, its row stride
+    ctypes.c_void_p, ctypes.c_void_p, _i64p, _i64p, ctypes.c_int64, ctypes.c_void_p,  # prefix, variant
+    ctypes.c_void_p, ctypes.c_int,  # out, threads
+]
+
+
+def _openmp_runtime() -> Path | None:
+    """The OpenMP library torch loaded into this process (libgomp, or Intel's / LLVM's), or None."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return None
+    for line in maps.splitlines():
+        path = line.split()[-1] if line.split() else ""
+        name = os.path.basename(path)
+        if name.startswith(("libgomp", "libiomp5", "libomp")) and ".so" in name:
+            return Path(path)
+    return None
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _build(cc: str, runtime: Path, target: Path) -> None:
+    """Compile `SOURCE` into the shared library `target` (atomically: two workers may build at once)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        obj, lib = Path(tmp) / "kernel.o", Path(tmp) / "kernel.so"
+        common = ["-O3", "-march=native", "-fPIC"]
+        subprocess.run([cc, *common, "-fopenmp", "-c", str(SOURCE), "-o", str(obj)],
+                       check=True, capture_output=True, text=True, timeout=120)
+        # linked to torch's own OpenMP library (not the compiler's): one runtime, one pool of threads
+        subprocess.run([cc, "-shared", str(obj), "-o", str(lib), str(runtime), f"-Wl,-rpath,{runtime.parent}"],
+                       check=True, capture_output=True, text=True, timeout=120)
+        os.replace(lib, target)
+
+
+@functools.cache
+def _kernel() -> Any:
+    """The loaded kernel function, or None (logged once) where it cannot be had."""
+    if os.environ.get(ENV, "1") == "0":
+        log.info("%s=0: decode attention uses torch's flash attention", ENV)
+        return None
+    if platform.system() != "Linux":
+        return None
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    runtime = _openmp_runtime()
+    if cc is None or runtime is None:
+        log.info("decode attention kernel unavailable (%s): torch's flash attention is used",
+                 "no C compiler" if cc is None else "no OpenMP runtime in torch")
+        return None
+    from contract.settings import Settings
+
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+        key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, version, _cpu_flags(), str(runtime)]).encode())
+        target = Settings.from_env().cache_dir / "kernels" / f"cpu_attention-{key.hexdigest()[:16]}.so"
+        if not target.exists():
+            _build(cc, runtime, target)
+        function = ctypes.CDLL(str(target)).lc_decode_attention
+    except (OSError, subprocess.SubprocessError) as error:
+        detail = getattr(error, "stderr", "") or error
+        log.warning("decode attention kernel could not be built (%s): torch's flash attention is used",
+                    str(detail).strip().splitlines()[-1] if str(detail).strip() else type(error).__name__)
+        return None
+    function.argtypes = _ARGTYPES
+    function.restype = ctypes.c_int
+    if not _probe(function):
+        log.warning("decode attention kernel disagreed with the plain operations on a probe: "
+                    "torch's flash attention is used")
+        return None
+    return function
+
+
+def available() -> bool:
+    """Whether `attend` can run here (the kernel built, loaded and passed its probe)."""
+    return _kernel() is not None
+
+
+def applies(query: torch.Tensor, handoff: Handoff, mask: torch.Tensor | None) -> bool:
+    """Whether the kernel takes these shapes and dtypes (it needs no other check than `available`)."""
+    rows, heads, positions, dim = query.shape
+    kv_heads = handoff.keys.shape[1]
+    tensors = (query, handoff.keys, handoff.values, handoff.prefix_keys, handoff.prefix_values)
+    return (positions == 1 and dim % WIDTH == 0 and dim <= MAX_DIM and heads % kv_heads == 0
+            and heads // kv_heads <= MAX_GROUPS
+            and all(t.dtype == torch.float32 and t.device.type == "cpu" and t.stride(-1) == 1 for t in tensors)
+            and (mask is None or mask.device.type == "cpu") and not torch.is_grad_enabled())
+
+
+def _strides(t: torch.Tensor) -> Any:
+    return (ctypes.c_int64 * 3)(t.stride(0), t.stride(1), t.stride(2))
+
+
+def run(function: Any, query: torch.Tensor, handoff: Handoff, own_mask: torch.Tensor | None,
+        scale: float) -> torch.Tensor:
+    """The kernel on `query` [rows, heads, 1, dim] and `handoff`, `own_mask` the own columns' additive
+    float32 mask [rows or 1, 1, 1, own] (last dimension contiguous) or None: [rows, heads, 1, dim]."""
+    rows, heads, _, dim = query.shape
+    kv_heads = handoff.keys.shape[1]
+    q = query.reshape(rows, heads, dim).contiguous()  # [rows, kv heads x groups, dim]
+    out = torch.empty_like(q)
+    own, plen = handoff.keys.shape[2], handoff.prefix_keys.shape[2]
+    variant = (ctypes.c_int32 * max(rows, 1))()
+    for r in handoff.runs:
+        for row in range(r.start, r.end):
+            variant[row] = r.value
+    mask_ptr, mask_stride = None, 0
+    if own_mask is not None:
+        assert own_mask.dtype == torch.float32 and own_mask.stride(-1) == 1
+        mask_ptr = own_mask.data_ptr()
+        mask_stride = own_mask.stride(0) if own_mask.shape[0] > 1 else 0
+    with torch.profiler.record_function("lora_compare::decode_attention"):  # a name in torch's profiler
+        status = function(rows, kv_heads, heads // kv_heads, dim, q.data_ptr(), scale,
+                          handoff.keys.data_ptr(), handoff.values.data_ptr(), _strides(handoff.keys),
+                          _strides(handoff.values), own, mask_ptr, mask_stride,
+                          handoff.prefix_keys.data_ptr(), handoff.prefix_values.data_ptr(),
+                          _strides(handoff.prefix_keys), _strides(handoff.prefix_values), plen, variant,
+                          out.data_ptr(), torch.get_num_threads())
+    if status != 0:
+        raise RuntimeError(f"decode attention kernel refused shapes {tuple(query.shape)}")
+    return out.reshape(rows, heads, 1, dim)
+
+
+def attend(query: torch.Tensor, handoff: Handoff, own_mask: torch.Tensor | None, scale: float) -> torch.Tensor | None:
+    """`run` where the kernel is available and applies; None otherwise (the caller's path instead)."""
+    if not applies(query, handoff, own_mask):
+        return None
+    function = _kernel()
+    return None if function is None else run(function, query, handoff, own_mask, scale)
+
+
+def _probe(function: Any) -> bool:
+    """The kernel against the plain operations on a small case: two variants' prefixes, grouped heads,
+    a left-padded row, own columns a strided view, a partial block."""
+    from .attention import Handoff, reference_part
+    from .lora_routing import Run
+
+    gen = torch.Generator().manual_seed(0)
+    rows, kv, groups, dim, plen, own = 3, 2, 3, 64, 5, 37
+    keys = torch.randn(rows, kv, own + 3, dim, generator=gen)[:, :, 1:own + 1]
+    values = torch.randn(rows, kv, own + 3, dim, generator=gen)[:, :, 1:own + 1]
+    pk, pv = torch.randn(2, kv, plen, dim, generator=gen) * 3, torch.randn(2, kv, plen, dim, generator=gen)
+    handoff = Handoff(keys, values, pk, pv, (Run(0, 0, 2), Run(1, 2, 3)))
+    query = torch.randn(rows, kv * groups, 1, dim, generator=gen)
+    mask = torch.zeros(rows, 1, 1, own)
+    mask[1, ..., :20] = float("-inf")
+    with torch.no_grad():
+        got = run(function, query, handoff, mask, dim ** -0.5).reshape(rows, kv, groups, dim)
+    q = query.reshape(rows, kv, groups, dim)
+    for r in range(rows):
+        v = 0 if r < 2 else 1
+        whole_k = torch.cat([pk[v], keys[r]], dim=1).unsqueeze(0)
+        whole_v = torch.cat([pv[v], values[r]], dim=1).unsqueeze(0)
+        m = torch.cat([torch.zeros(plen), mask[r, 0, 0]]).expand(1, kv, groups, -1)
+        want, _ = reference_part(q[r:r + 1], whole_k, whole_v, m, dim ** -0.5)
+        if not torch.allclose(got[r], want[0], rtol=1e-5, atol=1e-5):
+            return False
+    return True
