@@ -38,13 +38,14 @@ from worker.threads import SPINCOUNT  # noqa: E402  (the standard library only)
 
 #: name -> the environment the child runs with (on top of this process's, OpenMP settings removed).
 SETTINGS: dict[str, dict[str, str]] = {
-    "worker": {"GOMP_SPINCOUNT": SPINCOUNT},  # what the worker sets (`worker.threads`)
+    "worker": {"GOMP_SPINCOUNT": SPINCOUNT},  # what the worker sets (`worker.threads`), governor on
+    "ungoverned": {"GOMP_SPINCOUNT": SPINCOUNT, "LORA_COMPARE_THREAD_GOVERNOR": "0"},  # no `contention.Governor`
     "libgomp": {"GOMP_SPINCOUNT": "300000"},  # libgomp's default with OMP_WAIT_POLICY unset
     "passive": {"OMP_WAIT_POLICY": "PASSIVE"},  # sleep at once
     "spin1000": {"GOMP_SPINCOUNT": "1000"},  # a shorter spin than the worker's
     "active": {"OMP_WAIT_POLICY": "ACTIVE"},  # spin (almost) forever
 }
-_OMP = ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")
+_OMP = ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY", "LORA_COMPARE_THREAD_GOVERNOR")
 
 
 def _busy() -> None:
@@ -113,13 +114,15 @@ def main() -> None:
             time.sleep(2)
     first = quiet[names[0]]["wall_s"]
     print(f"\nquiet: fastest of {args.repeat} alternated; 'quiet vs {names[0]}': that wall time over {names[0]}'s")
-    print(f"{'setting':<9}{'env':<28}{'quiet wall':>11}{'quiet vs ' + names[0]:>17}{'quiet CPU':>10}"
+    envs = {name: " ".join(f"{k}={v}" for k, v in SETTINGS[name].items()) for name in names}
+    wide, env_wide = max(9, *(len(n) + 2 for n in names)), max(28, *(len(e) + 2 for e in envs.values()))
+    print(f"{'setting':<{wide}}{'env':<{env_wide}}{'quiet wall':>11}{'quiet vs ' + names[0]:>17}{'quiet CPU':>10}"
           f"{'loaded wall':>12}{'loaded CPU':>11}{'CPU loaded/quiet':>17}  same outputs")
     for name in names:
-        env = " ".join(f"{k}={v}" for k, v in SETTINGS[name].items())
+        env = envs[name]
         q, lo = quiet[name], loaded.get(name)
         same = all(r["output_ids"] == quiet[names[0]]["output_ids"] for r in (q, lo) if r is not None)
-        line = f"{name:<9}{env:<28}{q['wall_s']:>10.1f}s{q['wall_s'] / first:>16.2f}x{q['cpu_s']:>9.1f}s"
+        line = f"{name:<{wide}}{env:<{env_wide}}{q['wall_s']:>10.1f}s{q['wall_s'] / first:>16.2f}x{q['cpu_s']:>9.1f}s"
         if lo is not None:
             line += f"{lo['wall_s']:>11.1f}s{lo['cpu_s']:>10.1f}s{lo['cpu_s'] / q['cpu_s']:>16.2f}x"
         else:

@@ -79,7 +79,8 @@ def tiny() -> dict[str, Any]:
 
 
 ALL_OFF = DecodeOptions(capacity=6, refill=False, share_prefix=False, route_lora=False, last_logits_only=False,
-                        pad_output_rows=False, in_place_attention=False, onednn_linear=False)
+                        pad_output_rows=False, in_place_attention=False, onednn_linear=False,
+                        govern_threads=False)
 VARIANTS = {
     "none": ALL_OFF,
     "refill": replace(ALL_OFF, refill=True),
@@ -89,6 +90,7 @@ VARIANTS = {
     "last logits only": replace(ALL_OFF, last_logits_only=True),
     "output projection on padded rows": replace(ALL_OFF, pad_output_rows=True),
     "float32 linear layers through oneDNN": replace(ALL_OFF, onednn_linear=True),
+    "threads governed": replace(ALL_OFF, govern_threads=True),
     "all": DecodeOptions(capacity=6),
     "all, one row at a time": DecodeOptions(capacity=1),
     "all, everything in one batch": DecodeOptions(capacity=100),
@@ -101,6 +103,31 @@ def test_each_optimisation_leaves_outputs_equal_to_single_prompt_generation(tiny
     got = decode_rows(tiny["model"], [p for p, _ in rows], request(GenerationConfig(max_new_tokens=NEW_TOKENS)),
                       options=VARIANTS[label], adapter_names=[n for _, n in rows])
     assert got == tiny["reference"]
+
+
+def test_threads_switched_at_every_step_leave_outputs_equal(tiny: dict[str, Any],
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """`contention.Governor` made to switch between 1 and 2 threads at every step (as a busy machine
+    would, at most once a window): the tokens are those of single-prompt generation."""
+    from worker.engine import contention
+
+    monkeypatch.setattr(contention, "WINDOW", 0.0)
+    monkeypatch.setattr(contention, "LOW", 1e9)  # always "taken" on 2 threads
+    monkeypatch.setattr(contention, "HIGH", -1.0)  # always "free" on 1
+    switched: list[int] = []
+    monkeypatch.setattr(contention.Governor, "_set",
+                        lambda self, n, share: (switched.append(n), torch.set_num_threads(n)))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        rows = tiny["rows"]
+        got = decode_rows(tiny["model"], [p for p, _ in rows], request(GenerationConfig(max_new_tokens=NEW_TOKENS)),
+                          options=DecodeOptions(capacity=6), adapter_names=[n for _, n in rows])
+        assert torch.get_num_threads() == 2  # restored
+    finally:
+        torch.set_num_threads(before)
+    assert got == tiny["reference"]
+    assert switched[:4] == [1, 2, 1, 2] and len(switched) > NEW_TOKENS
 
 
 def test_the_rows_really_differ(tiny: dict[str, Any]) -> None:

@@ -6,7 +6,8 @@ is 300,000 (about a millisecond here). On a quiet machine the wait is short and 
 fast; on a busy one the other thread is often descheduled, and the spinning is CPU time spent on
 nothing, once per operator, thousands of times per decode step: a run's CPU time grew 3-4x at load 10
 (bench/contention.py). A short spin keeps the quiet speed and bounds the waste. A user's own
-GOMP_SPINCOUNT or OMP_WAIT_POLICY wins.
+GOMP_SPINCOUNT or OMP_WAIT_POLICY wins. Under a heavy load the decode loop also drops to one thread
+(`worker.engine.contention`), where no thread waits for another at all.
 """
 
 from __future__ import annotations

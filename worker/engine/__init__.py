@@ -7,7 +7,9 @@
 - `kv_cache`: the KV cache written in place; `prefix`: the shared prompt prefix;
 - `sampling`: argmax or temperature + top-p; `request`: what a call generates and where rows end;
 - `lora_routing`: mixed-adapter batches without PEFT's per-layer bookkeeping; `cpu_head`: the
-  output projection on a multiple of 8 rows on CPU;
+  output projection on a multiple of 8 rows on CPU; `cpu_linear`: float32 linear layers through
+  oneDNN on CPU; `attention`: a decode step's attention over the prefix and own columns in place,
+  `cpu_attention` its C kernel on CPU; `contention`: one thread while other work has the cores;
 - `fidelity`: which fast paths a call may take, and the exact fallbacks; `plain`: one prompt at a
   time with plain transformers + PEFT, the reference;
 - `steps`: an opt-in record of the loop's steps, for benchmarks;

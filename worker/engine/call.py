@@ -44,6 +44,8 @@ class DecodeOptions:
     pad_output_rows: bool = True
     #: On CPU, float32 linear layers through oneDNN instead of MKL's GEMM (`cpu_linear`).
     onednn_linear: bool = True
+    #: On CPU, one thread instead of several while other work takes the cores (`contention`).
+    govern_threads: bool = True
 
 
 def _last_logits_kwargs(model: Any) -> dict[str, int]:

@@ -14,8 +14,9 @@ What it does that `transformers.generate` over fixed batches does not (each can 
   cache;
 - similar lengths: rows are admitted longest prompt first, so each prefill pads little;
 - logits for the last position only: the prefill never builds a [rows, tokens, vocab] tensor;
-- on CPU, the output projection runs on a multiple of 8 rows (`cpu_head`), and float32 linear layers
-  run through oneDNN rather than MKL's GEMM (`cpu_linear`);
+- on CPU, the output projection runs on a multiple of 8 rows (`cpu_head`), float32 linear layers
+  run through oneDNN rather than MKL's GEMM (`cpu_linear`), the in-place attention is one C kernel
+  (`cpu_attention`), and the loop runs on one thread while other work has the cores (`contention`);
 - one host-device sync per decode step: the sampled tokens, read back once (`tolist`); the next
   step's input is taken from them on the device, and which rows remain is known on the host;
 - a shutdown stops it at the next step: `DecodeRequest.check_stop` reads a Python flag and raises
@@ -35,7 +36,7 @@ from typing import Any
 
 import torch
 
-from . import attention, cpu_linear, plain, steps
+from . import attention, contention, cpu_linear, plain, steps
 from .batch import Batch
 from .call import DecodeCall, DecodeOptions
 from .cpu_head import padding_rows
@@ -65,7 +66,8 @@ def decode_rows(model: Any, prompts: Sequence[Sequence[int]], request: DecodeReq
     cpu = call.device.type == "cpu"
     with padding_rows(model, call.options.pad_output_rows and cpu), \
             cpu_linear.onednn(model, call.options.onednn_linear and cpu), \
-            attention.in_place(model, call.options.in_place_attention and cpu):
+            attention.in_place(model, call.options.in_place_attention and cpu), \
+            contention.governed(call.options.govern_threads and cpu):
         return _stream(call)
 
 
@@ -105,6 +107,7 @@ def _stream(call: DecodeCall) -> list[list[int]]:
         batch.logits = None  # used: `step` computes the next ones
         keep: list[int] = []
         sampled = chosen.tolist()  # the step's one sync
+        contention.step()
         if observer is not None:  # sync to sync: the forward pass, this sampling and any prefill between
             if stepped is not None:
                 observer(steps.DecodeStep(stepped[0], stepped[1], prefilled, steps.clock() - synced))
