@@ -20,12 +20,15 @@ from worker.engine import attention, cpu_attention
 from worker.engine.lora_routing import segments
 
 
-def case(seed: int, *, mask: str) -> dict[str, Any]:
-    """Random shapes: rows of several prefix variants, grouped heads, left-padded own columns."""
+def case(seed: int, *, mask: str, dim: int | None = None, groups: int | None = None) -> dict[str, Any]:
+    """Random shapes: rows of several prefix variants, grouped heads, left-padded own columns (head_dim
+    `dim` and query heads per key/value head `groups` where given)."""
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
-    rows, kv_heads, groups = rng.randrange(1, 10), rng.choice([1, 2, 3]), rng.choice([1, 3, 4, 7])
-    dim, plen, own = rng.choice([8, 16, 48, 64, 128]), rng.randrange(0, 40), rng.randrange(1, 300)
+    rows, kv_heads, drawn_groups = rng.randrange(1, 10), rng.choice([1, 2, 3]), rng.choice([1, 3, 4, 7])
+    drawn_dim, plen, own = rng.choice([8, 16, 48, 64, 128]), rng.randrange(0, 40), rng.randrange(1, 300)
+    dim = drawn_dim if dim is None else dim
+    groups = drawn_groups if groups is None else groups
     variants = rng.randrange(1, 4)
     pick = sorted(rng.randrange(variants) for _ in range(rows))
     width = own + rng.randrange(0, 5)  # the buffer's columns: the own columns are a strided view of it
@@ -145,11 +148,19 @@ def test_a_bfloat16_split_keeps_the_dtype_and_the_values(kernel: bool, monkeypat
 
 def kernel_case(seed: int, *, dim: int = 64, mask: str = "bool") -> dict[str, Any]:
     """A `case` whose head_dim the kernel takes."""
-    for s in range(seed * 1000, seed * 1000 + 1000):
-        c = case(s, mask=mask)
-        if c["query"].shape[-1] == dim:
-            return c
-    raise AssertionError("no case of that head_dim")
+    return case(seed, mask=mask, dim=dim)
+
+
+@pytest.mark.parametrize("groups", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("dim", [16, 64, 128])
+def test_the_kernel_equals_sdpa_in_its_compiled_shapes_and_the_others(dim: int, groups: int) -> None:
+    """head_dim 64 and 128 with 1-4 query heads per key/value head are compiled as their own code
+    (`cpu_attention.c`'s dispatch); the rest run the general code."""
+    c = case(100 + groups, mask="bool", dim=dim, groups=groups)
+    with torch.no_grad():
+        assert cpu_attention.applies(c["query"], c["handoff"], c["mask"])
+        got = attention.split_attention(c["query"], c["handoff"], c["mask"], c["scale"]).transpose(1, 2)
+    torch.testing.assert_close(got, whole_sdpa(c), rtol=1e-5, atol=1e-5)
 
 
 def test_the_kernel_is_available_where_the_project_is_tested() -> None:
@@ -215,6 +226,19 @@ def test_the_kernel_is_built_once_into_the_cache_and_loaded_from_it(fresh_kernel
 
     monkeypatch.setattr(cpu_attention, "_build", no_build)
     assert cpu_attention.available()
+
+
+@pytest.mark.slow
+def test_a_cpu_worker_builds_the_kernel_when_it_loads_its_model(demo_model: Any, settings: Any,
+                                                               fresh_kernel: Any) -> None:
+    """Not inside the first chunk's decoding: the build (seconds on a machine's first use) is part of
+    the model load, and every later decode finds it loaded."""
+    from worker.model_host import ModelHost
+
+    assert not list(fresh_kernel.glob("kernels/*.so"))
+    ModelHost(settings, device="cpu").ensure_base("demo", dtype="float32")
+    assert len(list(fresh_kernel.glob("kernels/cpu_attention-*.so"))) == 1
+    assert cpu_attention._kernel.cache_info().currsize == 1  # loaded, not only built
 
 
 def test_without_a_compiler_or_when_switched_off_the_engine_keeps_flash(fresh_kernel: Any,

@@ -29,7 +29,7 @@ from contract.errors import AdapterError, ModelLoadError
 from contract.settings import DEFAULT_MAX_ADAPTERS, Settings
 
 from .demo_model import prepare_demo_model
-from .engine import lora_routing
+from .engine import cpu_attention, lora_routing
 from .engine.generation import GenResult, GenRow, eos_ids, generate_mixed, generate_separate
 from .engine.loglik import ScoreOptions, score_rows
 from .generated import ScoreResult, ScoreRow, StopFlag
@@ -179,6 +179,10 @@ class ModelHost:
             eos_ids=tuple(sorted(eos_ids(model, tokenizer))),
         )
         self.stats.base_loads += 1
+        if self.device.type == "cpu" and torch_dtype == torch.float32:
+            # the decode-attention kernel is compiled on a machine's first use (seconds, then cached):
+            # at load rather than inside the first chunk's decoding (it logs if it falls back)
+            cpu_attention.available()
 
     def unload(self) -> None:
         self._model = self._tokenizer = self._key = None

@@ -66,7 +66,8 @@ def _openmp_runtime() -> Path | None:
     except OSError:
         return None
     for line in maps.splitlines():
-        path = line.split()[-1] if line.split() else ""
+        fields = line.split()
+        path = fields[-1] if fields else ""
         name = os.path.basename(path)
         if name.startswith(("libgomp", "libiomp5", "libomp")) and ".so" in name:
             return Path(path)
@@ -150,8 +151,21 @@ def applies(query: torch.Tensor, handoff: Handoff, mask: torch.Tensor | None) ->
             and (mask is None or mask.device.type == "cpu") and not torch.is_grad_enabled())
 
 
-def _strides(t: torch.Tensor) -> Any:
-    return (ctypes.c_int64 * 3)(t.stride(0), t.stride(1), t.stride(2))
+@functools.lru_cache(maxsize=64)
+def _strides(strides: tuple[int, ...]) -> Any:
+    """A tensor's first three strides as the kernel's int64[3] (the same for every layer of a step:
+    made once, not 30 times; the kernel only reads it)."""
+    return (ctypes.c_int64 * 3)(*strides[:3])
+
+
+@functools.lru_cache(maxsize=64)
+def _variants(runs: tuple[Any, ...], rows: int) -> Any:
+    """Each row's prefix variant as the kernel's int32[rows] (as `_strides`: once per step)."""
+    variant = (ctypes.c_int32 * max(rows, 1))()
+    for r in runs:
+        for row in range(r.start, r.end):
+            variant[row] = r.value
+    return variant
 
 
 def run(function: Any, query: torch.Tensor, handoff: Handoff, own_mask: torch.Tensor | None,
@@ -163,10 +177,7 @@ def run(function: Any, query: torch.Tensor, handoff: Handoff, own_mask: torch.Te
     q = query.reshape(rows, heads, dim).contiguous()  # [rows, kv heads x groups, dim]
     out = torch.empty_like(q)
     own, plen = handoff.keys.shape[2], handoff.prefix_keys.shape[2]
-    variant = (ctypes.c_int32 * max(rows, 1))()
-    for r in handoff.runs:
-        for row in range(r.start, r.end):
-            variant[row] = r.value
+    variant = _variants(handoff.runs, rows)
     mask_ptr, mask_stride = None, 0
     if own_mask is not None:
         assert own_mask.dtype == torch.float32 and own_mask.stride(-1) == 1
@@ -174,11 +185,11 @@ def run(function: Any, query: torch.Tensor, handoff: Handoff, own_mask: torch.Te
         mask_stride = own_mask.stride(0) if own_mask.shape[0] > 1 else 0
     with torch.profiler.record_function("lora_compare::decode_attention"):  # a name in torch's profiler
         status = function(rows, kv_heads, heads // kv_heads, dim, q.data_ptr(), scale,
-                          handoff.keys.data_ptr(), handoff.values.data_ptr(), _strides(handoff.keys),
-                          _strides(handoff.values), own, mask_ptr, mask_stride,
+                          handoff.keys.data_ptr(), handoff.values.data_ptr(), _strides(handoff.keys.stride()),
+                          _strides(handoff.values.stride()), own, mask_ptr, mask_stride,
                           handoff.prefix_keys.data_ptr(), handoff.prefix_values.data_ptr(),
-                          _strides(handoff.prefix_keys), _strides(handoff.prefix_values), plen, variant,
-                          out.data_ptr(), torch.get_num_threads())
+                          _strides(handoff.prefix_keys.stride()), _strides(handoff.prefix_values.stride()), plen,
+                          variant, out.data_ptr(), torch.get_num_threads())
     if status != 0:
         raise RuntimeError(f"decode attention kernel refused shapes {tuple(query.shape)}")
     return out.reshape(rows, heads, 1, dim)
@@ -195,7 +206,7 @@ def attend(query: torch.Tensor, handoff: Handoff, own_mask: torch.Tensor | None,
 def _probe(function: Any) -> bool:
     """The kernel against the plain operations on a small case: two variants' prefixes, grouped heads,
     a left-padded row, own columns a strided view, a partial block."""
-    from .attention import Handoff, reference_part
+    from .attention import Handoff, assemble, reference_part
     from .lora_routing import Run
 
     gen = torch.Generator().manual_seed(0)
@@ -209,13 +220,8 @@ def _probe(function: Any) -> bool:
     mask[1, ..., :20] = float("-inf")
     with torch.no_grad():
         got = run(function, query, handoff, mask, dim ** -0.5).reshape(rows, kv, groups, dim)
-    q = query.reshape(rows, kv, groups, dim)
-    for r in range(rows):
-        v = 0 if r < 2 else 1
-        whole_k = torch.cat([pk[v], keys[r]], dim=1).unsqueeze(0)
-        whole_v = torch.cat([pv[v], values[r]], dim=1).unsqueeze(0)
-        m = torch.cat([torch.zeros(plen), mask[r, 0, 0]]).expand(1, kv, groups, -1)
-        want, _ = reference_part(q[r:r + 1], whole_k, whole_v, m, dim ** -0.5)
-        if not torch.allclose(got[r], want[0], rtol=1e-5, atol=1e-5):
-            return False
-    return True
+    whole_k, whole_v = assemble(handoff)  # [rows, kv, prefix + own, dim]
+    whole_mask = torch.cat([torch.zeros(rows, 1, 1, plen), mask], dim=-1).unsqueeze(2)  # [rows, 1, 1, 1, all]
+    want, _ = reference_part(query.reshape(rows, kv, groups, 1, dim), whole_k.unsqueeze(2),
+                             whole_v.unsqueeze(2), whole_mask, dim ** -0.5)
+    return torch.allclose(got, want.reshape(rows, kv, groups, dim), rtol=1e-5, atol=1e-5)
