@@ -258,6 +258,33 @@ def test_without_a_compiler_or_when_switched_off_the_engine_keeps_flash(fresh_ke
     assert not cpu_attention.available()
 
 
+def test_the_build_variants_compute_the_same_and_the_faster_is_kept(tmp_path: Any,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """With and without software prefetch (which is faster depends on the machine's prefetchers): the
+    same bits, whichever `_build` keeps, and it keeps the one its timing found faster."""
+    runtime = cpu_attention._openmp_runtime()
+    cc = cpu_attention.shutil.which("cc") or cpu_attention.shutil.which("gcc")
+    assert runtime is not None and cc is not None
+    functions = {}
+    for name, define in cpu_attention.VARIANTS.items():
+        cpu_attention._compile(cc, runtime, define, tmp_path / f"{name}.so")
+        functions[name] = cpu_attention._load(tmp_path / f"{name}.so")
+        assert cpu_attention._probe(functions[name])
+    c = kernel_case(5)
+    own_mask = attention._additive(c["mask"], c["handoff"].keys.shape[2], c["query"])
+    with torch.no_grad():
+        outs = [cpu_attention.run(f, c["query"], c["handoff"], own_mask, c["scale"]) for f in functions.values()]
+    assert torch.equal(outs[0], outs[1])
+    times = cpu_attention._timed(functions, rounds=1)
+    assert set(times) == set(cpu_attention.VARIANTS) and all(0 < t < float("inf") for t in times.values())
+
+    for faster in cpu_attention.VARIANTS:
+        monkeypatch.setattr(cpu_attention, "_timed", lambda fs, f=faster: {n: 1.0 if n == f else 2.0 for n in fs})
+        target = tmp_path / f"kept-{faster}.so"
+        cpu_attention._build(cc, runtime, target)
+        assert target.read_bytes() == (tmp_path / f"{faster}.so").read_bytes()
+
+
 def test_a_kernel_that_disagrees_with_the_plain_operations_is_not_used() -> None:
     def wrong(*args: Any) -> int:
         out = args[-2]  # leaves the output as torch.empty made it, or zeroes it

@@ -29,11 +29,15 @@ typedef int32_t vi __attribute__((vector_size(64)));
 #define W 16          /* floats per vector, keys per block */
 #define MAX_GROUPS 16 /* query heads per key/value head */
 #define MAX_DIM 256   /* head_dim */
-/* Keys and values are fetched this many columns ahead of their use. A (row, head) pair's columns are
- * contiguous, but the hardware's prefetchers stop at each 4 KiB page (16 keys of 64 floats): with
- * this the kernel read at 1.1x the time of a plain sum over the same memory on one core, without it
- * at 1.7x (2026-11-30, Xeon, AVX-512). */
+/* Keys and values are fetched this many columns ahead of their use (0: not at all). A (row, head)
+ * pair's columns are contiguous, but some hardware prefetchers stop at each 4 KiB page (16 keys of 64
+ * floats): on a Xeon (Cooper Lake) the kernel read at 1.1x the time of a plain sum over the same
+ * memory on one core with it, at 1.7x without; on an AMD EPYC it was the other way round (one core:
+ * 69 ms with, 47 ms without, a sum 42 ms; 2026-11-30). So cpu_attention.py builds both and keeps
+ * the faster on the machine it builds on. */
+#ifndef AHEAD
 #define AHEAD 16
+#endif
 
 static inline vf load(const float *p) { vf x; memcpy(&x, p, sizeof x); return x; }
 static inline void store(float *p, vf x) { memcpy(p, &x, sizeof x); }
@@ -134,7 +138,7 @@ static inline __attribute__((always_inline)) void segment(
         for (int t = 0; t < W; t++) {
             if (t < n) {
                 const float *k = keys + (start + t) * key_stride;
-                if (start + t + AHEAD < columns)
+                if (AHEAD > 0 && start + t + AHEAD < columns)
                     for (int i = 0; i < dim; i += 16) __builtin_prefetch(k + AHEAD * key_stride + i, 0, 3);
                 for (int j = 0; j < groups; j++) {
                     vf dot = load(q + j * dim) * load(k);
@@ -150,7 +154,8 @@ static inline __attribute__((always_inline)) void segment(
             float top = lanes_max(score);
             if (top == -INFINITY) { memset(p[j], 0, sizeof p[j]); continue; }
             float m = s->m[j] > top ? s->m[j] : top;
-            float alpha = s->m[j] == -INFINITY ? 0.0f : expf(s->m[j] - m);
+            /* the maximum unchanged (most blocks): exp(0) = 1 exactly, without the call */
+            float alpha = s->m[j] >= top ? 1.0f : s->m[j] == -INFINITY ? 0.0f : expf(s->m[j] - m);
             vf e = vexp(score - m);
             store(p[j], e);
             s->l[j] = s->l[j] * alpha + lanes_sum(e);
@@ -160,7 +165,7 @@ static inline __attribute__((always_inline)) void segment(
         }
         for (int t = 0; t < n; t++) {
             const float *v = values + (start + t) * value_stride;
-            if (start + t + AHEAD < columns)
+            if (AHEAD > 0 && start + t + AHEAD < columns)
                 for (int i = 0; i < dim; i += 16) __builtin_prefetch(v + AHEAD * value_stride + i, 0, 3);
             for (int c = 0; c < chunks; c++) {
                 vf vc = load(v + c * W);
