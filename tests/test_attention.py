@@ -284,6 +284,14 @@ def test_the_build_variants_compute_the_same_and_the_faster_is_kept(tmp_path: An
         cpu_attention._build(cc, runtime, target)
         assert target.read_bytes() == (tmp_path / f"{faster}.so").read_bytes()
 
+    def no_timing(functions: Any) -> dict[str, float]:
+        raise RuntimeError("no memory to time in")
+
+    monkeypatch.setattr(cpu_attention, "_timed", no_timing)  # a speed choice only: the first is kept
+    cpu_attention._build(cc, runtime, tmp_path / "untimed.so")
+    first = next(iter(cpu_attention.VARIANTS))
+    assert (tmp_path / "untimed.so").read_bytes() == (tmp_path / f"{first}.so").read_bytes()
+
 
 def test_a_kernel_that_disagrees_with_the_plain_operations_is_not_used() -> None:
     def wrong(*args: Any) -> int:
