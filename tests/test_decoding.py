@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -265,10 +266,14 @@ def test_a_model_with_a_lora_variant_runs_one_pass_per_variant() -> None:
             assert alone[0, len(ids):].tolist() == tokens
 
 
-def test_the_cache_kept_in_place_hands_attention_what_a_concatenated_cache_would(monkeypatch: Any) -> None:
+@pytest.mark.parametrize("own_pages", [kv_cache.OWN_PAGES, 0], ids=["heap", "own-pages"])
+def test_the_cache_kept_in_place_hands_attention_what_a_concatenated_cache_would(monkeypatch: Any,
+                                                                                 own_pages: int) -> None:
     """`_RowsLayer` writes steps, finished rows, trims and joining rows in place (moving or growing its
     buffer when it runs out of room); whatever it does, attention must see exactly the keys and values
-    of a plain cache that concatenates, pads on the left and indexes, with the shared prefix in front."""
+    of a plain cache that concatenates, pads on the left and indexes, with the shared prefix in front.
+    Its buffers in the C heap (these small ones) or in pages of their own (`kv_cache.zeros`)."""
+    monkeypatch.setattr(kv_cache, "OWN_PAGES", own_pages)
     monkeypatch.setattr(kv_cache.RowsLayer, "SPARE", 1)  # out of room often: every move and growth path runs
     monkeypatch.setattr(kv_cache.RowsLayer, "GROWTH", 0)
     rng = random.Random(3)
@@ -341,7 +346,10 @@ def test_the_cache_kept_in_place_hands_attention_what_a_concatenated_cache_would
             assert layer.pick == pick and layer.get_seq_length() == layer.plen + ref_k.shape[2]
 
 
-def test_decoding_with_a_cache_that_is_always_out_of_room_is_unchanged(tiny: dict[str, Any], monkeypatch: Any) -> None:
+@pytest.mark.parametrize("own_pages", [kv_cache.OWN_PAGES, 0], ids=["heap", "own-pages"])
+def test_decoding_with_a_cache_that_is_always_out_of_room_is_unchanged(tiny: dict[str, Any], monkeypatch: Any,
+                                                                       own_pages: int) -> None:
+    monkeypatch.setattr(kv_cache, "OWN_PAGES", own_pages)
     monkeypatch.setattr(kv_cache.RowsLayer, "SPARE", 0)
     monkeypatch.setattr(kv_cache.RowsLayer, "GROWTH", 0)
     rows = tiny["rows"]
@@ -392,3 +400,32 @@ def test_top_p_never_draws_outside_the_nucleus_with_a_fixed_generator() -> None:
     assert torch.equal(greedy, logits.argmax(dim=-1))
     with pytest.raises(TypeError):
         sample(logits, nucleus)  # type: ignore[misc]
+
+
+def _rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the process's resident memory from /proc")
+def test_cache_buffers_in_pages_of_their_own_are_zeros_and_go_back_to_the_system_when_freed() -> None:
+    """A big CPU buffer (a cache layer's keys) is zeros in its own pages, which the process no longer
+    holds once it is freed; a small one, or one on another device, is an ordinary tensor."""
+    like = torch.ones(1, dtype=torch.float32)
+    small = kv_cache.zeros((3, 4), like)
+    assert small.shape == (3, 4) and small.dtype == torch.float32 and not small.any()
+    before = _rss_mib()
+    big = kv_cache.zeros((64, 2, 1024, 64), like)  # 32 MiB
+    assert big.shape == (64, 2, 1024, 64) and big.dtype == torch.float32 and big.is_contiguous()
+    assert not big.any()
+    big.fill_(1.5)  # written: resident
+    assert _rss_mib() - before > 24
+    view = big[1:, :, 3:]  # a view keeps the pages alive
+    del big
+    assert float(view.sum()) == 1.5 * view.numel()
+    del view
+    assert _rss_mib() - before < 8  # unmapped at once, where the heap keeps what it frees
+    half = kv_cache.zeros((8,), torch.ones(1, dtype=torch.float16))
+    assert half.dtype == torch.float16 and not half.any()

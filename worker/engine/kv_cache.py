@@ -4,6 +4,7 @@ rows' own columns in one buffer written in place (`RowsLayer`)."""
 from __future__ import annotations
 
 import functools
+import mmap
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -13,6 +14,25 @@ from transformers.cache_utils import DynamicLayer
 
 from . import attention
 from .lora_routing import Run, segments
+
+
+#: CPU buffers of at least this many bytes are mapped pages of their own (`zeros`).
+OWN_PAGES = 1 << 16
+
+
+def zeros(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """A tensor of zeros of `shape`, `like`'s dtype and device. On CPU, from `OWN_PAGES` bytes up, in
+    pages mapped for it alone (anonymous memory, zero until written): returned to the system as soon
+    as it is freed, where the C heap keeps what it frees for reuse. A cache grows in steps and each
+    decode call makes its own, so in the heap the freed smaller buffers stayed resident beside the new
+    ones (bench/README.md, memory)."""
+    numel = 1
+    for size in shape:
+        numel *= size
+    nbytes = numel * like.element_size()
+    if like.device.type != "cpu" or nbytes == 0 or nbytes < OWN_PAGES:
+        return like.new_zeros(shape)
+    return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=like.dtype).view(shape)
 
 
 class Scratch:
@@ -35,7 +55,8 @@ class Scratch:
             numel *= size
         flat = self._flat.get(slot)
         if flat is None or flat.numel() < numel or flat.dtype != like.dtype or flat.device != like.device:
-            flat = self._flat[slot] = like.new_empty(numel + numel // 4)  # room to grow a little
+            self._flat.pop(slot, None)  # freed before its successor is made
+            flat = self._flat[slot] = zeros((numel + numel // 4,), like)  # room to grow a little
         return flat[:numel].view(shape)
 
 
@@ -122,7 +143,7 @@ class RowsLayer(DynamicLayer):
         if self.limit:
             spare = min(spare, max(0, self.limit - columns))
         shape = (max(rows, self.reserve), like.shape[1], columns + spare, like.shape[3])
-        k, v = like.new_zeros(shape), like.new_zeros(shape)
+        k, v = zeros(shape, like), zeros(shape, like)
         if self._k is not None and self._v is not None:
             k[:self._m, :, at:at + self._n], v[:self._m, :, at:at + self._n] = self._own(self._k), self._own(self._v)
         self._k, self._v, self._start = k, v, at
