@@ -8,6 +8,7 @@ back (not handed off, or options the split does not take) must be bit for bit `s
 from __future__ import annotations
 
 import ctypes
+import logging
 import random
 from types import SimpleNamespace
 from typing import Any
@@ -258,10 +259,11 @@ def test_without_a_compiler_or_when_switched_off_the_engine_keeps_flash(fresh_ke
     assert not cpu_attention.available()
 
 
-def test_the_build_variants_compute_the_same_and_the_faster_is_kept(tmp_path: Any,
-                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_build_variants_compute_the_same_and_the_faster_is_kept(tmp_path: Any, monkeypatch: pytest.MonkeyPatch,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
     """With and without software prefetch (which is faster depends on the machine's prefetchers): the
-    same bits, whichever `_build` keeps, and it keeps the one its timing found faster."""
+    same bits, whichever `_build` keeps, and it keeps the one its timing found faster (the first, and a
+    log that says it was not timed, when timing fails)."""
     runtime = cpu_attention._openmp_runtime()
     cc = cpu_attention.shutil.which("cc") or cpu_attention.shutil.which("gcc")
     assert runtime is not None and cc is not None
@@ -288,9 +290,12 @@ def test_the_build_variants_compute_the_same_and_the_faster_is_kept(tmp_path: An
         raise RuntimeError("no memory to time in")
 
     monkeypatch.setattr(cpu_attention, "_timed", no_timing)  # a speed choice only: the first is kept
-    cpu_attention._build(cc, runtime, tmp_path / "untimed.so")
+    with caplog.at_level(logging.INFO, logger=cpu_attention.__name__):
+        cpu_attention._build(cc, runtime, tmp_path / "untimed.so")
     first = next(iter(cpu_attention.VARIANTS))
     assert (tmp_path / "untimed.so").read_bytes() == (tmp_path / f"{first}.so").read_bytes()
+    built = [r.getMessage() for r in caplog.records if "built into" in r.getMessage()]
+    assert len(built) == 1 and built[0].endswith(f"{first} (not timed)") and " ms" not in built[0]
 
 
 def test_a_kernel_that_disagrees_with_the_plain_operations_is_not_used() -> None:

@@ -114,11 +114,13 @@ def _build(cc: str, runtime: Path, target: Path) -> None:
         try:
             times = _timed({name: _load(lib) for name, lib in libs.items()})
         except (RuntimeError, MemoryError) as error:  # timing is a choice of speed only: keep the first
-            log.warning("decode attention kernel variants not timed (%s): %s kept", error, next(iter(libs)))
-            times = {name: float(i) for i, name in enumerate(libs)}
-        best = min(times, key=lambda name: times[name])
-        log.info("decode attention kernel built into %s: %s (%s)", target, best,
-                 ", ".join(f"{name} {ms:.1f} ms" for name, ms in times.items()))
+            best = next(iter(libs))
+            log.warning("decode attention kernel variants not timed (%s): %s kept", error, best)
+            log.info("decode attention kernel built into %s: %s (not timed)", target, best)
+        else:
+            best = min(times, key=lambda name: times[name])
+            log.info("decode attention kernel built into %s: %s (%s)", target, best,
+                     ", ".join(f"{name} {ms:.1f} ms" for name, ms in times.items()))
         os.replace(libs[best], target)
 
 

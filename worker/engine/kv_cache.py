@@ -32,7 +32,8 @@ def zeros(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
     nbytes = numel * like.element_size()
     if like.device.type != "cpu" or nbytes == 0 or nbytes < OWN_PAGES:
         return like.new_zeros(shape)
-    return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=like.dtype).view(shape)
+    pages = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # this process's alone
+    return torch.frombuffer(pages, dtype=like.dtype).view(shape)
 
 
 class Scratch:
