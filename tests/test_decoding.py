@@ -429,3 +429,12 @@ def test_cache_buffers_in_pages_of_their_own_are_zeros_and_go_back_to_the_system
     assert _rss_mib() - before < 8  # unmapped at once, where the heap keeps what it frees
     half = kv_cache.zeros((8,), torch.ones(1, dtype=torch.float16))
     assert half.dtype == torch.float16 and not half.any()
+
+
+def test_a_cache_buffer_the_system_will_not_map_comes_from_the_heap(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refused(*args: Any, **kwargs: Any) -> Any:
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(kv_cache.mmap, "mmap", refused)
+    got = kv_cache.zeros((16, 3, 64, 64), torch.ones(1))
+    assert got.shape == (16, 3, 64, 64) and not got.any()

@@ -15,7 +15,6 @@ from transformers.cache_utils import DynamicLayer
 from . import attention
 from .lora_routing import Run, segments
 
-
 #: CPU buffers of at least this many bytes are mapped pages of their own (`zeros`).
 OWN_PAGES = 1 << 16
 
@@ -30,9 +29,13 @@ def zeros(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
     for size in shape:
         numel *= size
     nbytes = numel * like.element_size()
-    if like.device.type != "cpu" or nbytes == 0 or nbytes < OWN_PAGES:
+    anonymous = getattr(mmap, "MAP_ANONYMOUS", 0)  # POSIX; elsewhere the heap
+    if like.device.type != "cpu" or not anonymous or nbytes == 0 or nbytes < OWN_PAGES:
         return like.new_zeros(shape)
-    pages = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # this process's alone
+    try:
+        pages = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | anonymous)  # this process's alone
+    except OSError:  # out of mappings (vm.max_map_count) or memory: the heap's allocator decides
+        return like.new_zeros(shape)
     return torch.frombuffer(pages, dtype=like.dtype).view(shape)
 
 
