@@ -10,6 +10,8 @@ from __future__ import annotations
 import ctypes
 import logging
 import random
+import shutil
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -280,22 +282,48 @@ def test_the_build_variants_compute_the_same_and_the_faster_is_kept(tmp_path: An
     times = cpu_attention._timed(functions, rounds=1)
     assert set(times) == set(cpu_attention.VARIANTS) and all(0 < t < float("inf") for t in times.values())
 
+    def built(name: str) -> dict[str, Path]:
+        """Copies of the variants compiled above, as `_build` hands them to `_keep_fastest`."""
+        (tmp_path / name).mkdir()
+        copies = {v: tmp_path / name / f"{v}.so" for v in cpu_attention.VARIANTS}
+        for v, path in copies.items():
+            shutil.copyfile(tmp_path / f"{v}.so", path)
+        return copies
+
     for faster in cpu_attention.VARIANTS:
         monkeypatch.setattr(cpu_attention, "_timed", lambda fs, f=faster: {n: 1.0 if n == f else 2.0 for n in fs})
         target = tmp_path / f"kept-{faster}.so"
-        cpu_attention._build(cc, runtime, target)
+        kept = cpu_attention._keep_fastest(built(faster), target)
         assert target.read_bytes() == (tmp_path / f"{faster}.so").read_bytes()
+        assert cpu_attention._probe(kept)
 
     def no_timing(functions: Any) -> dict[str, float]:
         raise RuntimeError("no memory to time in")
 
     monkeypatch.setattr(cpu_attention, "_timed", no_timing)  # a speed choice only: the first is kept
     with caplog.at_level(logging.INFO, logger=cpu_attention.__name__):
-        cpu_attention._build(cc, runtime, tmp_path / "untimed.so")
+        cpu_attention._keep_fastest(built("untimed"), tmp_path / "untimed.so")
     first = next(iter(cpu_attention.VARIANTS))
     assert (tmp_path / "untimed.so").read_bytes() == (tmp_path / f"{first}.so").read_bytes()
-    built = [r.getMessage() for r in caplog.records if "built into" in r.getMessage()]
-    assert len(built) == 1 and built[0].endswith(f"{first} (not timed)") and " ms" not in built[0]
+    said = [r for r in caplog.records if "built into" in r.getMessage()]
+    assert len(said) == 1 and said[0].levelno == logging.WARNING and " ms" not in said[0].getMessage()
+    assert said[0].getMessage().endswith(f"{first} (not timed: no memory to time in)")
+
+
+def test_a_build_compiles_each_variant_and_returns_the_kept_one(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`_build` end to end (the compiler run for real): both variants compiled, the kept one at the
+    target, its function returned loaded."""
+    runtime = cpu_attention._openmp_runtime()
+    cc = cpu_attention.shutil.which("cc") or cpu_attention.shutil.which("gcc")
+    assert runtime is not None and cc is not None
+    compiled: list[str] = []
+    real = cpu_attention._compile
+    monkeypatch.setattr(cpu_attention, "_compile", lambda *a: (compiled.append(a[2]), real(*a))[1])
+    monkeypatch.setattr(cpu_attention, "_timed", lambda fs: {n: float(i) for i, n in enumerate(fs)})
+    function = cpu_attention._build(cc, runtime, tmp_path / "kernels" / "k.so")
+    assert compiled == list(cpu_attention.VARIANTS.values())
+    assert (tmp_path / "kernels" / "k.so").exists() and cpu_attention._probe(function)
+    assert [p.name for p in (tmp_path / "kernels").iterdir()] == ["k.so"]  # nothing else left behind
 
 
 def test_a_kernel_that_disagrees_with_the_plain_operations_is_not_used() -> None:

@@ -102,26 +102,32 @@ def _compile(cc: str, runtime: Path, define: str, lib: Path) -> None:
                    check=True, capture_output=True, text=True, timeout=120)
 
 
-def _build(cc: str, runtime: Path, target: Path) -> None:
+def _build(cc: str, runtime: Path, target: Path) -> Any:
     """Compile `SOURCE` into the shared library `target` (atomically: two workers may build at once):
-    each of `VARIANTS`, the one `_timed` fastest on this machine kept (they compute the same)."""
+    each of `VARIANTS`, the one `_timed` fastest on this machine kept (they compute the same). Returns
+    the kept variant's function, loaded."""
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        libs = {}
+        libs = {name: Path(tmp) / f"{name}.so" for name in VARIANTS}
         for name, define in VARIANTS.items():
-            libs[name] = Path(tmp) / f"{name}.so"
             _compile(cc, runtime, define, libs[name])
-        try:
-            times = _timed({name: _load(lib) for name, lib in libs.items()})
-        except (RuntimeError, MemoryError) as error:  # timing is a choice of speed only: keep the first
-            best = next(iter(libs))
-            log.warning("decode attention kernel variants not timed (%s): %s kept", error, best)
-            log.info("decode attention kernel built into %s: %s (not timed)", target, best)
-        else:
-            best = min(times, key=lambda name: times[name])
-            log.info("decode attention kernel built into %s: %s (%s)", target, best,
-                     ", ".join(f"{name} {ms:.1f} ms" for name, ms in times.items()))
-        os.replace(libs[best], target)
+        return _keep_fastest(libs, target)
+
+
+def _keep_fastest(libs: dict[str, Path], target: Path) -> Any:
+    """Move the fastest of the built variants `libs` (name -> library) to `target`; its function."""
+    functions = {name: _load(lib) for name, lib in libs.items()}
+    try:
+        times = _timed(functions)
+    except (RuntimeError, MemoryError) as error:  # timing is a choice of speed only: keep the first
+        best = next(iter(libs))
+        log.warning("decode attention kernel built into %s: %s (not timed: %s)", target, best, error)
+    else:
+        best = min(times, key=lambda name: times[name])
+        log.info("decode attention kernel built into %s: %s (%s)", target, best,
+                 ", ".join(f"{name} {ms:.1f} ms" for name, ms in times.items()))
+    os.replace(libs[best], target)  # the loaded library stays mapped where it was
+    return functions[best]
 
 
 def _load(lib: Path) -> Any:
@@ -174,9 +180,7 @@ def _kernel() -> Any:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
         key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, version, _cpu_flags(), str(runtime)]).encode())
         target = Settings.from_env().cache_dir / "kernels" / f"cpu_attention-{key.hexdigest()[:16]}.so"
-        if not target.exists():
-            _build(cc, runtime, target)
-        function = _load(target)
+        function = _load(target) if target.exists() else _build(cc, runtime, target)
     except (OSError, subprocess.SubprocessError) as error:
         detail = getattr(error, "stderr", "") or error
         log.warning("decode attention kernel could not be built (%s): torch's flash attention is used",

@@ -4,6 +4,7 @@ rows' own columns in one buffer written in place (`RowsLayer`)."""
 from __future__ import annotations
 
 import functools
+import math
 import mmap
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -25,10 +26,7 @@ def zeros(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
     as it is freed, where the C heap keeps what it frees for reuse. A cache grows in steps and each
     decode call makes its own, so in the heap the freed smaller buffers stayed resident beside the new
     ones (bench/README.md, memory)."""
-    numel = 1
-    for size in shape:
-        numel *= size
-    nbytes = numel * like.element_size()
+    nbytes = math.prod(shape) * like.element_size()
     anonymous = getattr(mmap, "MAP_ANONYMOUS", 0)  # POSIX; elsewhere the heap
     if like.device.type != "cpu" or not anonymous or nbytes == 0 or nbytes < OWN_PAGES:
         return like.new_zeros(shape)
@@ -54,9 +52,7 @@ class Scratch:
 
     def take(self, slot: int, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
         """A contiguous tensor of `shape` (contents undefined), valid until `slot` is taken again."""
-        numel = 1
-        for size in shape:
-            numel *= size
+        numel = math.prod(shape)
         flat = self._flat.get(slot)
         if flat is None or flat.numel() < numel or flat.dtype != like.dtype or flat.device != like.device:
             self._flat.pop(slot, None)  # freed before its successor is made
