@@ -7,14 +7,20 @@ bit `F.linear`."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
+from transformers import LlamaConfig, LlamaForCausalLM
 
+from contract.config import GenerationConfig
 from worker.engine import cpu_head, cpu_linear
+from worker.engine.call import DecodeOptions
+from worker.engine.request import DecodeRequest
+from worker.engine.scheduler import decode_rows
 
 ONEDNN_OP = "mkldnn::_linear_pointwise"
 
@@ -174,3 +180,69 @@ def test_without_onednn_the_switch_changes_nothing(monkeypatch: pytest.MonkeyPat
             assert torch.equal(model(x), plain(model, x))
     finally:
         cpu_linear.available.cache_clear()
+
+
+def _counted(product: Callable[..., torch.Tensor], name: str, calls: list[str],
+             slow: bool) -> Callable[..., torch.Tensor]:
+    """`product`, each call recorded in `calls` as `name`, 2 ms slower when `slow`."""
+    def counted(*args: Any) -> torch.Tensor:
+        calls.append(name)
+        if slow:
+            time.sleep(0.002)
+        return product(*args)
+    return counted
+
+
+@pytest.mark.parametrize("slower", ["oneDNN", "default"])
+def test_the_backend_timed_faster_on_this_machine_is_chosen_once_per_shape_and_rows(
+        slower: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`faster` times both on the model's own weights; the slower one (made slow here) is not chosen,
+    and the answer is kept for the model's shape and rows (a second call times nothing)."""
+    monkeypatch.setattr(cpu_linear, "_CHOSEN", {})
+    calls: list[str] = []
+    for name, attr in (("oneDNN", "_onednn_product"), ("default", "_default_product")):
+        monkeypatch.setattr(cpu_linear, attr, _counted(getattr(cpu_linear, attr), name, calls, name == slower))
+    model = Model()
+    assert cpu_linear.faster(model, 5) is (slower == "default")
+    timed = len(calls)
+    assert timed == 2 * 3 * (cpu_linear.ROUNDS + 1)  # 3 weights, both backends, warm-up round included
+    assert cpu_linear.faster(Model(bias=True), 8) is (slower == "default")  # same shapes, 5 rows -> 8
+    assert len(calls) == timed
+    cpu_linear.faster(model, 16)  # other rows: timed again
+    assert len(calls) == 2 * timed
+
+
+def test_an_option_set_is_taken_as_it_is_and_nothing_is_timed(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_timing(*args: Any) -> bool:
+        raise AssertionError("timed")
+
+    monkeypatch.setattr(cpu_linear, "faster", no_timing)
+    assert cpu_linear.wanted(Model(), True, 8) is True
+    assert cpu_linear.wanted(Model(), False, 8) is False
+
+
+def test_a_model_with_nothing_for_onednn_is_never_timed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bfloat16 weights (torch's own oneDNN path already) and weights too small for it: no timing."""
+    def no_timing(*args: Any) -> torch.Tensor:
+        raise AssertionError("timed")
+
+    monkeypatch.setattr(cpu_linear, "_onednn_product", no_timing)
+    assert not cpu_linear.faster(Model().to(torch.bfloat16), 8)
+    assert not cpu_linear.faster(torch.nn.Sequential(torch.nn.Linear(16, 8)), 8)
+
+
+@pytest.mark.parametrize("choice", [True, False])
+def test_a_decode_call_left_to_choose_follows_the_timing(choice: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`decode_rows` with `onednn_linear` None runs the products through oneDNN exactly when `faster`
+    says so (its decode steps; prefills keep torch's GEMM either way)."""
+    asked: list[int] = []
+    monkeypatch.setattr(cpu_linear, "faster", lambda model, rows: (asked.append(rows), choice)[1])
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=H, intermediate_size=INNER, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=4, vocab_size=VOCAB)  # the MLP and head big enough for oneDNN
+    config._attn_implementation = "sdpa"
+    model = LlamaForCausalLM(config).eval()
+    request = DecodeRequest(GenerationConfig(max_new_tokens=3), set(), 0, torch.device("cpu"))
+    called = ops(lambda: decode_rows(model, [[5, 6, 7], [5, 8]], request, options=DecodeOptions(capacity=4)))
+    assert asked == [4]
+    assert (ONEDNN_OP in called) is choice

@@ -20,12 +20,21 @@ it on. Everything else runs `F.linear`, exactly as `nn.Linear` does: prefills an
 and B, narrow key and value projections), other dtypes (bfloat16 and float16 already go through
 oneDNN in torch), other devices, autograd (gradients enabled), and a torch without the operator
 (`available()` is false: it is never used, and the log says so once).
+
+Which is faster depends on the machine, so a decode call takes oneDNN only where `faster` timed it so
+(`DecodeOptions.onednn_linear` None, the default; True or False force it): on the AMD EPYC above
+oneDNN made the engine 1.15x faster, on an Intel Xeon with AMX and a 480 MiB L3 (where a decode step
+of 32 rows is bound by arithmetic, not by reading the weights) MKL was 1.06x faster than oneDNN
+(bench/linear_kernels.py, 2026-12-01). `faster` times both on the model's own weights at the call's
+rows, once per process for each shape of model and number of rows (about half a second for the
+demo model), and logs what it chose.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import time
 import types
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -45,6 +54,9 @@ ROWS = 8
 #: at 8-32 rows; the engine was 1.15x faster than MKL with this threshold, 1.07x with 1 << 16
 #: (`bench/linear_kernels.py`, bench/README.md).
 MIN_WEIGHT = 1 << 17
+
+#: Alternated rounds of `faster`'s timing (after one to warm up); the best of each counts.
+ROUNDS = 3
 
 #: Whether the linear layers patched by `install` use oneDNN (inside `onednn`).
 ACTIVE: ContextVar[bool] = ContextVar("onednn_linear", default=False)
@@ -76,6 +88,10 @@ def available() -> bool:
 Product = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
+def _default_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return F.linear(x, weight, bias)
+
+
 def _onednn_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
@@ -95,11 +111,65 @@ def padded_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """`F.linear(x, weight, bias)`; through oneDNN inside `onednn` where it applies (float32 on CPU,
     no gradients)."""
-    if (ACTIVE.get() and weight.numel() >= MIN_WEIGHT and (x.dim() == 2 or (x.dim() == 3 and x.shape[1] == 1))
-            and x.dtype == torch.float32 and weight.dtype == torch.float32 and x.device.type == "cpu"
-            and not torch.is_grad_enabled()):
+    if (ACTIVE.get() and _applies(weight) and (x.dim() == 2 or (x.dim() == 3 and x.shape[1] == 1))
+            and x.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_grad_enabled()):
         return padded_rows(x, weight, bias, ROWS, _onednn_product)
     return F.linear(x, weight, bias)
+
+
+def _applies(weight: torch.Tensor) -> bool:
+    """Whether `linear` would send a product with this weight to oneDNN (for a decode step's input)."""
+    return weight.dtype == torch.float32 and weight.device.type == "cpu" and weight.numel() >= MIN_WEIGHT
+
+
+def _decode_weights(model: Any) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """(weight, bias) of each distinct `nn.Linear` of `model` whose products would go to oneDNN."""
+    seen: set[int] = set()
+    found: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and _applies(module.weight) and id(module.weight) not in seen:
+            seen.add(id(module.weight))
+            found.append((module.weight, module.bias))
+    return found
+
+
+#: `faster`'s answers: (weight shapes, rows) -> whether oneDNN was faster.
+_CHOSEN: dict[tuple[Any, ...], bool] = {}
+
+
+def faster(model: Any, rows: int) -> bool:
+    """Whether oneDNN computes `model`'s decode-step products (`rows` rows, padded to a multiple of
+    `ROWS`) faster than torch's default GEMM on this machine: every weight `linear` would send to
+    oneDNN, once per round for each, alternated `ROUNDS` times, the best round of each compared.
+    Timed once per process for each shape of model and number of rows; False without oneDNN or
+    without such weights."""
+    weights = _decode_weights(model)
+    if not weights or not available():
+        return False
+    rows = max(ROWS, -(-rows // ROWS) * ROWS)
+    key = (tuple((tuple(w.shape), b is not None) for w, b in weights), rows)
+    if key not in _CHOSEN:
+        inputs = {w.shape[1]: torch.randn(rows, w.shape[1], generator=torch.Generator().manual_seed(0))
+                  for w, _ in weights}
+        products: dict[str, Product] = {"default": _default_product, "oneDNN": _onednn_product}
+        best = {name: float("inf") for name in products}
+        with torch.inference_mode():
+            for _ in range(ROUNDS + 1):  # the first round warms up (primitives, pages), uncounted
+                for name, product in products.items():
+                    started = time.perf_counter()
+                    for weight, bias in weights:
+                        product(inputs[weight.shape[1]], weight, bias)
+                    best[name] = min(best[name], time.perf_counter() - started)
+        _CHOSEN[key] = best["oneDNN"] < best["default"]
+        log.info("float32 decode products at %d rows: oneDNN %.1f ms, torch's default GEMM %.1f ms: %s used",
+                 rows, best["oneDNN"] * 1e3, best["default"] * 1e3, "oneDNN" if _CHOSEN[key] else "the default")
+    return _CHOSEN[key]
+
+
+def wanted(model: Any, option: bool | None, rows: int) -> bool:
+    """Whether a decode call of up to `rows` rows runs `model`'s float32 products through oneDNN:
+    `option` (`DecodeOptions.onednn_linear`) when set, else where `faster` found it faster."""
+    return option if option is not None else faster(model, rows)
 
 
 def _forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,8 @@ What it does that `transformers.generate` over fixed batches does not (each can 
 - similar lengths: rows are admitted longest prompt first, so each prefill pads little;
 - logits for the last position only: the prefill never builds a [rows, tokens, vocab] tensor;
 - on CPU, the output projection runs on a multiple of 8 rows (`cpu_head`), float32 linear layers
-  run through oneDNN rather than MKL's GEMM (`cpu_linear`), the in-place attention is one C kernel
+  run through oneDNN rather than MKL's GEMM where that was timed faster on the machine
+  (`cpu_linear`), the in-place attention is one C kernel
   (`cpu_attention`), and the loop runs on one thread while other work has the cores (`contention`);
 - one host-device sync per decode step: the sampled tokens, read back once (`tolist`); the next
   step's input is taken from them on the device, and which rows remain is known on the host;
@@ -65,7 +66,8 @@ def decode_rows(model: Any, prompts: Sequence[Sequence[int]], request: DecodeReq
         return _pass_per_variant(call)
     cpu = call.device.type == "cpu"
     with padding_rows(model, call.options.pad_output_rows and cpu), \
-            cpu_linear.onednn(model, call.options.onednn_linear and cpu), \
+            cpu_linear.onednn(model, cpu and cpu_linear.wanted(model, call.options.onednn_linear,
+                                                               call.options.capacity)), \
             attention.in_place(model, call.options.in_place_attention and cpu), \
             contention.governed(call.options.govern_threads and cpu):
         return _stream(call)
