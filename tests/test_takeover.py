@@ -18,6 +18,7 @@ from db.leases import HEARTBEAT_S, LEASE_GRACE_S, LEASE_S, SWEEP_S
 from db.progress import RunProgress, run_progress
 from producer.display import progress_line, stalled_lines
 from tests.cluster import Worker, lora, rows, scalar
+from tests.fault_injection import SLOW_STEP_ENV
 from tests.test_distributed import (
     PAIRS,
     REDIS,
@@ -40,6 +41,10 @@ TAKEOVER_BOUND_S = LEASE_S + LEASE_GRACE_S + SWEEP_S + 15
 assert TAKEOVER_BOUND_S <= 60 and HEARTBEAT_S < LEASE_S
 #: The runs' chunks (`_config`'s chunk size is 2)
 N_CHUNKS = len(PAIRS) // 2
+#: Every decode step this much slower (tests/fault_injection.py), so that a chunk lasts a second or
+#: so: on a fast host a chunk of the tiny workload took less than the poll that sees it running and
+#: the kill, and the worker finished it first (2026-12-01).
+SLOW = {SLOW_STEP_ENV: "0.05"}
 
 
 def _kill_mid_chunk(db_url: str, run_id: int, candidates: list[Worker], *, after: int = 1) -> tuple[int, int, float]:
@@ -91,7 +96,7 @@ def test_a_killed_workers_chunk_is_taken_over_by_a_live_worker(
         tmp_path: Path, pg_url: str, queue: str, workers: list[Worker],  # noqa: F811
         test_adapters: dict[str, Path]) -> None:
     config = _config(tmp_path, test_adapters)
-    workers += [Worker(f"w{i}@test", pg_url, REDIS, queue, tmp_path, visibility_timeout=VISIBILITY_S)
+    workers += [Worker(f"w{i}@test", pg_url, REDIS, queue, tmp_path, visibility_timeout=VISIBILITY_S, env=SLOW)
                 for i in (1, 2)]
     for w in workers:
         w.start().wait_ready()
@@ -118,8 +123,8 @@ def test_the_only_worker_killed_and_a_new_one_started_resumes_with_no_manual_ste
     """Before leases the chunk stayed `running` for the hour and `status` said `running ... 0.1 rows/s
     ETA 13m15s`; now status shows the dead worker and no ETA until the new worker takes the chunk over."""
     config = _config(tmp_path, test_adapters)
-    w1 = Worker("w1@test", pg_url, REDIS, queue, tmp_path, visibility_timeout=VISIBILITY_S)
-    w2 = Worker("w2@test", pg_url, REDIS, queue, tmp_path, visibility_timeout=VISIBILITY_S)
+    w1 = Worker("w1@test", pg_url, REDIS, queue, tmp_path, visibility_timeout=VISIBILITY_S, env=SLOW)
+    w2 = Worker("w2@test", pg_url, REDIS, queue, tmp_path, visibility_timeout=VISIBILITY_S, env=SLOW)
     workers += [w1, w2]
     w1.start().wait_ready()
     run_id = _submit(pg_url, REDIS, config, queue)
