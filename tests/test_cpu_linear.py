@@ -7,7 +7,6 @@ bit `F.linear`."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -182,34 +181,70 @@ def test_without_onednn_the_switch_changes_nothing(monkeypatch: pytest.MonkeyPat
         cpu_linear.available.cache_clear()
 
 
-def _counted(product: Callable[..., torch.Tensor], name: str, calls: list[str],
-             slow: bool) -> Callable[..., torch.Tensor]:
-    """`product`, each call recorded in `calls` as `name`, 2 ms slower when `slow`."""
-    def counted(*args: Any) -> torch.Tensor:
-        calls.append(name)
-        if slow:
-            time.sleep(0.002)
-        return product(*args)
-    return counted
+class Clock:
+    """A stand-in for `time` in `cpu_linear`: the products advance it by what `cost(backend, weight)`
+    says (seconds), so that which is faster is decided here, not by the machine's noise."""
+
+    def __init__(self, cost: Callable[[str, torch.Tensor], float]) -> None:
+        self.now, self.cost = 0.0, cost
+        self.calls: list[str] = []
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr(cpu_linear, "_CHOSEN", {})
+        monkeypatch.setattr(cpu_linear, "time", self)
+        for name, attr in (("oneDNN", "_onednn_product"), ("default", "_default_product")):
+            monkeypatch.setattr(cpu_linear, attr, self._timed(name, getattr(cpu_linear, attr)))
+
+    def _timed(self, name: str, product: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        def timed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+            self.calls.append(name)
+            self.now += self.cost(name, weight)
+            return product(x, weight, bias)
+        return timed
+
+
+ALL_SHAPES = frozenset({(INNER, H), (H, INNER), (VOCAB, H)})
 
 
 @pytest.mark.parametrize("slower", ["oneDNN", "default"])
 def test_the_backend_timed_faster_on_this_machine_is_chosen_once_per_shape_and_rows(
         slower: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """`faster` times both on the model's own weights; the slower one (made slow here) is not chosen,
-    and the answer is kept for the model's shape and rows (a second call times nothing)."""
-    monkeypatch.setattr(cpu_linear, "_CHOSEN", {})
-    calls: list[str] = []
-    for name, attr in (("oneDNN", "_onednn_product"), ("default", "_default_product")):
-        monkeypatch.setattr(cpu_linear, attr, _counted(getattr(cpu_linear, attr), name, calls, name == slower))
+    """`faster` times both on the model's own weights; the slower one is not chosen, and the answer is
+    kept for the model's shape and rows (a second call times nothing)."""
+    clock = Clock(lambda name, weight: 2.0 if name == slower else 1.0)
+    clock.install(monkeypatch)
     model = Model()
-    assert cpu_linear.faster(model, 5) is (slower == "default")
-    timed = len(calls)
+    want = ALL_SHAPES if slower == "default" else frozenset()
+    assert cpu_linear.faster(model, 5) == want
+    timed = len(clock.calls)
     assert timed == 2 * 3 * (cpu_linear.ROUNDS + 1)  # 3 weights, both backends, warm-up round included
-    assert cpu_linear.faster(Model(bias=True), 8) is (slower == "default")  # same shapes, 5 rows -> 8
-    assert len(calls) == timed
+    assert cpu_linear.faster(Model(bias=True), 8) == want  # same shapes, 5 rows -> 8
+    assert len(clock.calls) == timed
     cpu_linear.faster(model, 16)  # other rows: timed again
-    assert len(calls) == 2 * timed
+    assert len(clock.calls) == 2 * timed
+
+
+def test_each_shape_is_timed_and_chosen_on_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """oneDNN slower for the output projection alone: chosen for the two other shapes."""
+    Clock(lambda name, weight: 2.0 if (name == "oneDNN") == (weight.shape[0] == VOCAB) else 1.0).install(monkeypatch)
+    assert cpu_linear.faster(Model(), 8) == ALL_SHAPES - {(VOCAB, H)}
+
+
+def test_only_the_shapes_chosen_go_through_onednn() -> None:
+    model = Model()
+    x = torch.randn(7, 1, H)
+    with torch.inference_mode(), cpu_linear.onednn(model, frozenset({(VOCAB, H)})):
+        got = model(x)
+        called = ops(lambda: model.head(x))
+        assert ONEDNN_OP in called
+        inner = torch.randn(7, 1, INNER)
+        assert ONEDNN_OP not in ops(lambda: model.up(x)) and ONEDNN_OP not in ops(lambda: model.down(inner))
+    close(got, plain(model, x))
+    with torch.inference_mode(), cpu_linear.onednn(model, frozenset()):
+        assert ONEDNN_OP not in ops(lambda: model(x)) and torch.equal(model(x), plain(model, x))
 
 
 def test_an_option_set_is_taken_as_it_is_and_nothing_is_timed(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -227,16 +262,22 @@ def test_a_model_with_nothing_for_onednn_is_never_timed(monkeypatch: pytest.Monk
         raise AssertionError("timed")
 
     monkeypatch.setattr(cpu_linear, "_onednn_product", no_timing)
-    assert not cpu_linear.faster(Model().to(torch.bfloat16), 8)
-    assert not cpu_linear.faster(torch.nn.Sequential(torch.nn.Linear(16, 8)), 8)
+    assert cpu_linear.faster(Model().to(torch.bfloat16), 8) == frozenset()
+    assert cpu_linear.faster(torch.nn.Sequential(torch.nn.Linear(16, 8)), 8) == frozenset()
 
 
-@pytest.mark.parametrize("choice", [True, False])
-def test_a_decode_call_left_to_choose_follows_the_timing(choice: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    """`decode_rows` with `onednn_linear` None runs the products through oneDNN exactly when `faster`
+@pytest.mark.parametrize("chosen", [ALL_SHAPES, frozenset()])
+def test_a_decode_call_left_to_choose_follows_the_timing(chosen: frozenset[tuple[int, ...]],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """`decode_rows` with `onednn_linear` None runs the products through oneDNN exactly where `faster`
     says so (its decode steps; prefills keep torch's GEMM either way)."""
     asked: list[int] = []
-    monkeypatch.setattr(cpu_linear, "faster", lambda model, rows: (asked.append(rows), choice)[1])
+
+    def faster(model: Any, rows: int) -> frozenset[tuple[int, ...]]:
+        asked.append(rows)
+        return chosen
+
+    monkeypatch.setattr(cpu_linear, "faster", faster)
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=H, intermediate_size=INNER, num_hidden_layers=1, num_attention_heads=4,
                          num_key_value_heads=4, vocab_size=VOCAB)  # the MLP and head big enough for oneDNN
@@ -245,4 +286,4 @@ def test_a_decode_call_left_to_choose_follows_the_timing(choice: bool, monkeypat
     request = DecodeRequest(GenerationConfig(max_new_tokens=3), set(), 0, torch.device("cpu"))
     called = ops(lambda: decode_rows(model, [[5, 6, 7], [5, 8]], request, options=DecodeOptions(capacity=4)))
     assert asked == [4]
-    assert (ONEDNN_OP in called) is choice
+    assert (ONEDNN_OP in called) is bool(chosen)

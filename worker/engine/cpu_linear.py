@@ -21,13 +21,14 @@ and B, narrow key and value projections), other dtypes (bfloat16 and float16 alr
 oneDNN in torch), other devices, autograd (gradients enabled), and a torch without the operator
 (`available()` is false: it is never used, and the log says so once).
 
-Which is faster depends on the machine, so a decode call takes oneDNN only where `faster` timed it so
-(`DecodeOptions.onednn_linear` None, the default; True or False force it): on the AMD EPYC above
-oneDNN made the engine 1.15x faster, on an Intel Xeon with AMX and a 480 MiB L3 (where a decode step
-of 32 rows is bound by arithmetic, not by reading the weights) MKL was 1.06x faster than oneDNN
-(bench/linear_kernels.py, 2026-12-01). `faster` times both on the model's own weights at the call's
-rows, once per process for each shape of model and number of rows (about half a second for the
-demo model), and logs what it chose.
+Which is faster depends on the machine and the shape, so a decode call takes oneDNN only for the
+weight shapes where `faster` timed it faster (`DecodeOptions.onednn_linear` None, the default; True
+or False force it for all): on the AMD EPYC above oneDNN made the engine 1.15x faster, on an Intel
+Xeon with AMX and a 480 MiB L3 (where a decode step of 32 rows is bound by arithmetic, not by reading
+the weights) MKL was 1.06x faster than oneDNN for the whole engine, but not for the output projection
+at 8 rows (bench/linear_kernels.py, 2026-12-01). `faster` times both on the model's own weights at
+the call's rows, once per process for each shape of model and number of rows (about half a second for
+the demo model), and logs what it chose.
 """
 
 from __future__ import annotations
@@ -58,8 +59,8 @@ MIN_WEIGHT = 1 << 17
 #: Alternated rounds of `faster`'s timing (after one to warm up); the best of each counts.
 ROUNDS = 3
 
-#: Whether the linear layers patched by `install` use oneDNN (inside `onednn`).
-ACTIVE: ContextVar[bool] = ContextVar("onednn_linear", default=False)
+#: Which products of the linear layers patched by `install` use oneDNN (inside `onednn`): a `Choice`.
+ACTIVE: ContextVar[Any] = ContextVar("onednn_linear", default=False)
 
 
 @functools.cache
@@ -111,7 +112,9 @@ def padded_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """`F.linear(x, weight, bias)`; through oneDNN inside `onednn` where it applies (float32 on CPU,
     no gradients)."""
-    if (ACTIVE.get() and _applies(weight) and (x.dim() == 2 or (x.dim() == 3 and x.shape[1] == 1))
+    chosen = ACTIVE.get()
+    if (chosen and (chosen is True or weight.shape in chosen) and _applies(weight)
+            and (x.dim() == 2 or (x.dim() == 3 and x.shape[1] == 1))
             and x.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_grad_enabled()):
         return padded_rows(x, weight, bias, ROWS, _onednn_product)
     return F.linear(x, weight, bias)
@@ -133,42 +136,54 @@ def _decode_weights(model: Any) -> list[tuple[torch.Tensor, torch.Tensor | None]
     return found
 
 
-#: `faster`'s answers: (weight shapes, rows) -> whether oneDNN was faster.
-_CHOSEN: dict[tuple[Any, ...], bool] = {}
+#: Which products go through oneDNN inside `onednn`: True every one that applies, False none, or the
+#: weight shapes (out, in) chosen by `faster`.
+Choice = bool | frozenset[tuple[int, ...]]
+
+#: `faster`'s answers: (the model's weight shapes, rows) -> the shapes oneDNN computed faster.
+_CHOSEN: dict[tuple[Any, ...], frozenset[tuple[int, ...]]] = {}
 
 
-def faster(model: Any, rows: int) -> bool:
-    """Whether oneDNN computes `model`'s decode-step products (`rows` rows, padded to a multiple of
-    `ROWS`) faster than torch's default GEMM on this machine: every weight `linear` would send to
-    oneDNN, once per round for each, alternated `ROUNDS` times, the best round of each compared.
-    Timed once per process for each shape of model and number of rows; False without oneDNN or
-    without such weights."""
+def faster(model: Any, rows: int) -> frozenset[tuple[int, ...]]:
+    """The shapes of `model`'s weights whose decode-step products (`rows` rows, padded to a multiple
+    of `ROWS`) oneDNN computes faster than torch's default GEMM on this machine: per shape, every
+    weight of that shape once per round, the two alternated `ROUNDS` times, the best round of each
+    compared. Timed once per process for each shape of model and number of rows; empty without
+    oneDNN or without weights that it would take."""
     weights = _decode_weights(model)
     if not weights or not available():
-        return False
+        return frozenset()
     rows = max(ROWS, -(-rows // ROWS) * ROWS)
     key = (tuple((tuple(w.shape), b is not None) for w, b in weights), rows)
     if key not in _CHOSEN:
-        inputs = {w.shape[1]: torch.randn(rows, w.shape[1], generator=torch.Generator().manual_seed(0))
-                  for w, _ in weights}
+        by_shape: dict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor | None]]] = {}
+        for weight, bias in weights:
+            by_shape.setdefault(tuple(weight.shape), []).append((weight, bias))
         products: dict[str, Product] = {"default": _default_product, "oneDNN": _onednn_product}
-        best = {name: float("inf") for name in products}
+        chosen, said = set(), []
         with torch.inference_mode():
-            for _ in range(ROUNDS + 1):  # the first round warms up (primitives, pages), uncounted
-                for name, product in products.items():
-                    started = time.perf_counter()
-                    for weight, bias in weights:
-                        product(inputs[weight.shape[1]], weight, bias)
-                    best[name] = min(best[name], time.perf_counter() - started)
-        _CHOSEN[key] = best["oneDNN"] < best["default"]
-        log.info("float32 decode products at %d rows: oneDNN %.1f ms, torch's default GEMM %.1f ms: %s used",
-                 rows, best["oneDNN"] * 1e3, best["default"] * 1e3, "oneDNN" if _CHOSEN[key] else "the default")
+            for shape, group in by_shape.items():
+                x = torch.randn(rows, shape[1], generator=torch.Generator().manual_seed(0))
+                best = {name: float("inf") for name in products}
+                for _ in range(ROUNDS + 1):  # the first round warms up (primitives, pages), uncounted
+                    for name, product in products.items():
+                        started = time.perf_counter()
+                        for weight, bias in group:
+                            product(x, weight, bias)
+                        best[name] = min(best[name], time.perf_counter() - started)
+                if best["oneDNN"] < best["default"]:
+                    chosen.add(shape)
+                said.append(f"{shape[1]} x {shape[0]} ({len(group)}): oneDNN {best['oneDNN'] * 1e3:.2f} ms, "
+                            f"default {best['default'] * 1e3:.2f} ms")
+        _CHOSEN[key] = frozenset(chosen)
+        log.info("float32 decode products at %d rows through oneDNN where faster: %s", rows, "; ".join(said))
     return _CHOSEN[key]
 
 
-def wanted(model: Any, option: bool | None, rows: int) -> bool:
-    """Whether a decode call of up to `rows` rows runs `model`'s float32 products through oneDNN:
-    `option` (`DecodeOptions.onednn_linear`) when set, else where `faster` found it faster."""
+def wanted(model: Any, option: bool | None, rows: int) -> Choice:
+    """Which of `model`'s float32 products a decode call of up to `rows` rows runs through oneDNN:
+    all or none as `option` (`DecodeOptions.onednn_linear`) says, else (None) the shapes for which
+    `faster` found it faster."""
     return option if option is not None else faster(model, rows)
 
 
@@ -185,9 +200,10 @@ def install(model: Any) -> None:
 
 
 @contextmanager
-def onednn(model: Any, on: bool) -> Iterator[None]:
-    """Within the block, the model's float32 linear layers run through oneDNN (`on` and `available()`)."""
-    on = on and available()
+def onednn(model: Any, on: Choice) -> Iterator[None]:
+    """Within the block, the model's float32 linear layers run through oneDNN (`available()`): every
+    one (`on` True), none (False), or those whose weights have the shapes in `on`."""
+    on = on if on and available() else False
     if on:
         from .cpu_head import pad_output_rows
 
