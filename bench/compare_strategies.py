@@ -147,6 +147,18 @@ def peak_bytes(device: str) -> int:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
+def rss_parts(device: str) -> dict[str, int]:
+    """The process's resident memory now, by kind (CPU; bytes): anonymous (the heap, tensors made at
+    run time) and file-backed (mapped weights, libraries' code), from /proc/self/status."""
+    if device.startswith("cuda"):
+        return {}
+    found = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(("RssAnon:", "RssFile:")):
+            found[line.split(":")[0][3:].lower()] = int(line.split()[1]) * 1024
+    return found
+
+
 def weight_bytes(model: Any) -> int:
     """Bytes read per forward pass: every parameter, but an untied input embedding (only the rows
     of the batch's tokens are read)."""
@@ -428,8 +440,8 @@ def run_strategy(name: str, spec: dict[str, Any], *, batch: int, new_tokens: int
     wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
     rows = sum(len(v) for v in outputs.values())
     return {"strategy": name, "wall_s": wall, "cpu_s": cpu, "rows": rows, "rows_per_s": rows / wall, "tokens": tokens,
-            "tokens_per_s": tokens / wall, "peak_bytes": peak_bytes(device), "outputs": outputs,
-            "output_ids": output_ids, "steps": [vars(x) for x in seen], "weight_bytes": wbytes,
+            "tokens_per_s": tokens / wall, "peak_bytes": peak_bytes(device), "rss_parts": rss_parts(device),
+            "outputs": outputs, "output_ids": output_ids, "steps": [vars(x) for x in seen], "weight_bytes": wbytes,
             "passes": {k2: v for k2, v in vars(passes).items() if not k2.startswith("_")}}
 
 
@@ -619,6 +631,10 @@ def print_table(k: int, count: int, results: dict[str, dict[str, Any]], bandwidt
               f"{r['peak_bytes'] / ref['peak_bytes']:>6.2f}x"
               f"{r['peak_bytes'] / base_peak:>8.2f}x"
               f"{p['decode']:>8}{rows_per:>10.1f}{per_pass:>9.2f}{floor_ms:>9.2f}")
+    parts = {name: r.get("rss_parts") for name, r in results.items() if r.get("rss_parts")}
+    if parts:  # where a peak's run-to-run spread comes from: file-backed pages vary with the page cache
+        print("resident at the end, anonymous / file-backed MiB: " + ", ".join(
+            f"{name} {p['anon'] / 2**20:.0f} / {p['file'] / 2**20:.0f}" for name, p in parts.items()))
     c = results["c"]["passes"]
     if c["decode"]:
         achieved = c["decode_rows"] / c["decode_s"]
