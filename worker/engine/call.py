@@ -42,8 +42,9 @@ class DecodeOptions:
     last_logits_only: bool = True
     #: On CPU, run the output projection on a multiple of 8 rows (faster there with float32 BLAS).
     pad_output_rows: bool = True
-    #: On CPU, float32 linear layers through oneDNN instead of MKL's GEMM (`cpu_linear`): None where it
-    #: was timed faster on this machine (`cpu_linear.faster`), True or False always or never.
+    #: On CPU, float32 linear layers through oneDNN instead of MKL's GEMM (`cpu_linear`): None for the
+    #: weight shapes where it was timed faster on this machine (`cpu_linear.faster`, at the threads of
+    #: the call's start), True or False for all or none.
     onednn_linear: bool | None = None
     #: On CPU, one thread instead of several while other work takes the cores (`contention`).
     govern_threads: bool = True
