@@ -632,7 +632,7 @@ def print_table(k: int, count: int, results: dict[str, dict[str, Any]], bandwidt
               f"{r['peak_bytes'] / base_peak:>8.2f}x"
               f"{p['decode']:>8}{rows_per:>10.1f}{per_pass:>9.2f}{floor_ms:>9.2f}")
     parts = {name: r.get("rss_parts") for name, r in results.items() if r.get("rss_parts")}
-    if parts:  # where a peak's run-to-run spread comes from: file-backed pages vary with the page cache
+    if parts:  # whether a peak's run-to-run spread is in file-backed pages (weights, code) or anonymous ones
         print("resident at the end, anonymous / file-backed MiB: " + ", ".join(
             f"{name} {p['anon'] / 2**20:.0f} / {p['file'] / 2**20:.0f}" for name, p in parts.items()))
     c = results["c"]["passes"]
