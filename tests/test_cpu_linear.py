@@ -7,7 +7,11 @@ bit `F.linear`."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -294,3 +298,36 @@ def test_a_decode_call_left_to_choose_follows_the_timing(chosen: frozenset[tuple
     called = ops(lambda: decode_rows(model, [[5, 6, 7], [5, 8]], request, options=DecodeOptions(capacity=4)))
     assert asked == [4]
     assert (ONEDNN_OP in called) is bool(chosen)
+
+
+def test_timing_hands_back_what_mkl_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After `faster` has timed MKL on the large shapes, MKL's buffers are freed (once per timing)."""
+    freed: list[bool] = []
+    monkeypatch.setattr(cpu_linear, "free_blas_buffers", lambda: freed.append(True))
+    Clock(lambda name, weight: 1.0).install(monkeypatch)
+    cpu_linear.faster(Model(), 8)
+    cpu_linear.faster(Model(), 8)
+    assert freed == [True]
+
+
+#: A child that runs one large float32 GEMM (MKL keeps buffers for its operands), then prints the
+#: resident anonymous memory that `free_blas_buffers` handed back, in KiB.
+MKL_PROBE = """
+import torch
+from worker.engine import cpu_linear
+def anon():
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("RssAnon"))
+torch.randn(448, 576) @ torch.randn(576, 1536)
+before = anon()
+cpu_linear.free_blas_buffers()
+print(before - anon())
+"""
+
+
+@pytest.mark.skipif(not torch.backends.mkl.is_available() or not os.path.exists("/proc/self/status"),
+                    reason="a torch without MKL, or no /proc")
+def test_mkl_buffers_are_handed_back() -> None:
+    assert cpu_linear._mkl_free_buffers() is not None
+    done = subprocess.run([sys.executable, "-c", MKL_PROBE], capture_output=True, text=True, check=True,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert int(done.stdout.strip().splitlines()[-1]) > 1024  # KiB: more than 1 MiB came back

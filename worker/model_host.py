@@ -28,6 +28,7 @@ from contract.config import DatasetConfig, GenerationConfig, InferenceConfig, Mo
 from contract.errors import AdapterError, ModelLoadError
 from contract.settings import DEFAULT_MAX_ADAPTERS, Settings
 
+from . import heap
 from .demo_model import prepare_demo_model
 from .engine import cpu_attention, lora_routing
 from .engine.generation import GenResult, GenRow, eos_ids, generate_mixed, generate_separate
@@ -117,6 +118,7 @@ class ModelHost:
         self.base_hash: str = ""
         self.identity: ModelIdentity | None = None
         self.stopping = StopFlag()
+        heap.apply()  # large tensors freed back at once (`heap`): this process holds the model
 
     # --- base model ---------------------------------------------------------------------------
 

@@ -184,9 +184,35 @@ def faster(model: Any, rows: int) -> frozenset[tuple[int, ...]]:
                 said.append(f"{shape[1]} x {shape[0]} ({len(group)}): oneDNN {best['oneDNN'] * 1e3:.2f} ms, "
                             f"default {best['default'] * 1e3:.2f} ms")
         _CHOSEN[key] = frozenset(chosen)
+        free_blas_buffers()  # what MKL kept for the large products it was timed on
         log.info("float32 decode products at %d rows through oneDNN where %.2fx faster: %s", rows, MARGIN,
                  "; ".join(said))
     return _CHOSEN[key]
+
+
+@functools.cache
+def _mkl_free_buffers() -> Callable[[], None] | None:
+    """MKL's `mkl_free_buffers` in the library torch links it into, or None where there is none."""
+    import ctypes
+    import os
+
+    try:
+        library = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
+        function = library.mkl_serv_free_buffers  # what MKL's mkl_free_buffers calls
+    except (OSError, AttributeError):  # another build of torch: no MKL, or linked otherwise
+        return None
+    function.argtypes, function.restype = (), None
+    return function  # type: ignore[no-any-return]
+
+
+def free_blas_buffers() -> None:
+    """Return to the system the buffers MKL keeps for reuse after a product (it packs the operands of
+    a large GEMM into buffers of its own and keeps them): `faster` timed MKL on every large weight
+    shape, which left about 10 MiB resident that the decode call, using oneDNN for those shapes,
+    would never reuse (bench/README.md, memory). Not while another thread may be inside MKL."""
+    function = _mkl_free_buffers()
+    if function is not None:
+        function()
 
 
 def wanted(model: Any, option: bool | None, rows: int) -> Choice:

@@ -18,6 +18,8 @@ What it does that `transformers.generate` over fixed batches does not (each can 
   run through oneDNN rather than MKL's GEMM where that was timed faster on the machine
   (`cpu_linear`), the in-place attention is one C kernel
   (`cpu_attention`), and the loop runs on one thread while other work has the cores (`contention`);
+- on CPU, the C heap gives a step's large tensors pages of their own (`worker.heap`), so that a
+  run's resident memory does not depend on how freed blocks fell in the heap;
 - one host-device sync per decode step: the sampled tokens, read back once (`tolist`); the next
   step's input is taken from them on the device, and which rows remain is known on the host;
 - a shutdown stops it at the next step: `DecodeRequest.check_stop` reads a Python flag and raises
@@ -37,6 +39,7 @@ from typing import Any
 
 import torch
 
+from .. import heap
 from . import attention, contention, cpu_linear, plain, steps
 from .batch import Batch
 from .call import DecodeCall, DecodeOptions
@@ -65,6 +68,8 @@ def decode_rows(model: Any, prompts: Sequence[Sequence[int]], request: DecodeReq
     if names is not None and plan.mixing == "per_variant":
         return _pass_per_variant(call)
     cpu = call.device.type == "cpu"
+    if cpu:
+        heap.apply()  # a step's large tensors go back to the system when freed (`worker.heap`)
     with padding_rows(model, call.options.pad_output_rows and cpu), \
             cpu_linear.onednn(model, cpu and cpu_linear.wanted(model, call.options.onednn_linear,
                                                                call.options.capacity)), \

@@ -1,0 +1,56 @@
+"""How a worker process's C heap hands back the memory of large tensors: at once, and the same way
+in every run.
+
+glibc's `malloc` serves a request of at least its mmap threshold with pages of its own, unmapped
+when freed; smaller ones come from the heap, which keeps what is freed for reuse. The threshold
+starts at 128 KiB and, by default, rises to the size of each large block freed (up to 32 MiB). A
+decode step frees its logits (6 MiB for the demo model's 32 rows) and other large intermediates every
+step, so after the first one such tensors come from the heap, where blocks freed in another order
+than they were taken leave holes the heap cannot give back. How much stayed resident varied from run
+to run: the decode phase of the same 3-adapter run added 95 to 206 MiB of resident memory in five
+runs, 63 of it the KV cache (bench/README.md, memory). With the threshold fixed at `THRESHOLD`,
+it added 96-101 MiB in two runs, and a 6 MiB block mapped and unmapped every step cost no
+measurable time beside the product that fills it (7.6-8.3 ms either way, bench/README.md).
+
+`apply` fixes the threshold once per process, unless the user chose one (`MALLOC_MMAP_THRESHOLD_`,
+or `GLIBC_TUNABLES` naming it); on a C library without `mallopt` (musl, macOS) it does nothing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+#: Blocks from this many bytes up get pages of their own.
+THRESHOLD = 1 << 20
+#: `mallopt`'s parameter number for the mmap threshold (glibc's malloc.h).
+M_MMAP_THRESHOLD = -3
+
+
+def user_chose(environ: dict[str, str] | os._Environ[str] | None = None) -> bool:
+    """Whether the environment already sets glibc's mmap threshold."""
+    env = os.environ if environ is None else environ
+    return "MALLOC_MMAP_THRESHOLD_" in env or "malloc.mmap_threshold" in env.get("GLIBC_TUNABLES", "")
+
+
+@functools.cache
+def apply() -> bool:
+    """Fix the C heap's mmap threshold at `THRESHOLD` for this process (once); whether it was set."""
+    if user_chose():
+        return False
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError, TypeError):  # no libc found, or one without mallopt
+        return False
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    done = bool(mallopt(M_MMAP_THRESHOLD, THRESHOLD))
+    if not done:
+        log.info("the C library refused mallopt(M_MMAP_THRESHOLD): large tensors may stay in its heap")
+    return done
