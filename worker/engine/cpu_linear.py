@@ -63,8 +63,12 @@ ROUNDS = 3
 #: decode call 6% slower, bench/README.md).
 MARGIN = 1.05
 
-#: Which products of the linear layers patched by `install` use oneDNN (inside `onednn`): a `Choice`.
-ACTIVE: ContextVar[Any] = ContextVar("onednn_linear", default=False)
+#: Which products go through oneDNN inside `onednn`: True every one that applies, False none, or the
+#: weight shapes (out, in) chosen by `faster`.
+Choice = bool | frozenset[tuple[int, ...]]
+
+#: Which products of the linear layers patched by `install` use oneDNN (inside `onednn`).
+ACTIVE: ContextVar[Choice] = ContextVar("onednn_linear", default=False)
 
 
 @functools.cache
@@ -139,10 +143,6 @@ def _decode_weights(model: Any) -> list[tuple[torch.Tensor, torch.Tensor | None]
             found.append((module.weight, module.bias))
     return found
 
-
-#: Which products go through oneDNN inside `onednn`: True every one that applies, False none, or the
-#: weight shapes (out, in) chosen by `faster`.
-Choice = bool | frozenset[tuple[int, ...]]
 
 #: `faster`'s answers: (the model's weight shapes, rows) -> the shapes oneDNN computed faster.
 _CHOSEN: dict[tuple[Any, ...], frozenset[tuple[int, ...]]] = {}
