@@ -412,7 +412,10 @@ def run_strategy(name: str, spec: dict[str, Any], *, batch: int, new_tokens: int
         from worker.chunk import ChunkExample, VariantSpec, run_chunk
         from worker.model_host import ModelHost
 
+        # The worker's own model host loads the model and its tokenizer: the Workload's copies go first
+        # (a second tokenizer alone held 12 MiB, which a worker process does not have).
         del model
+        work.tokenizer = None
         host = ModelHost(Settings.from_env(), device=device)
         config = RunConfig(
             name="bench",

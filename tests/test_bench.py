@@ -164,3 +164,11 @@ def test_the_decode_attention_script_runs_tiny() -> None:
         assert found and float(found.group(1)) < 1e-5, out
     grown = r"^from ~16 to ~32: kernel [+-][\d.]+ ms, flash [+-][\d.]+ ms, the read alone [+-][\d.]+ ms$"
     assert re.search(grown, out, re.MULTILINE), out
+
+
+def test_the_heap_threshold_script_runs_tiny() -> None:
+    """bench/heap_threshold.py: a step's logits from the heap and from pages of their own, side by side."""
+    done = subprocess.run([sys.executable, str(REPO / "bench/heap_threshold.py"), "--rows", "8", "--vocab", "4096",
+                           "--steps", "3", "--repeat", "1"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "own pages / heap:" in done.stdout

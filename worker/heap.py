@@ -7,10 +7,13 @@ starts at 128 KiB and, by default, rises to the size of each large block freed (
 decode step frees its logits (6 MiB for the demo model's 32 rows) and other large intermediates every
 step, so after the first one such tensors come from the heap, where blocks freed in another order
 than they were taken leave holes the heap cannot give back. How much stayed resident varied from run
-to run: the decode phase of the same 3-adapter run added 95 to 206 MiB of resident memory in five
-runs, 63 of it the KV cache (bench/README.md, memory). With the threshold fixed at `THRESHOLD`,
-it added 96-101 MiB in two runs, and a 6 MiB block mapped and unmapped every step cost no
-measurable time beside the product that fills it (7.6-8.3 ms either way, bench/README.md).
+to run: on an AMD host the decode phase of the same 3-adapter run grew the process by 95 to 206 MiB
+in nine runs, 63 MiB of it the KV cache (whose buffers have pages of their own already,
+`kv_cache.zeros`). With the threshold fixed at `THRESHOLD` it grew by 96-101 MiB in two runs, and
+its peak measured 1,121-1,132 MiB in four runs against 1,112-1,235 in nine without (the bench's
+peak 1,119-1,127 against 1,134); a 6 MiB block mapped and unmapped every step cost no measurable
+time beside the product that fills it (`bench/heap_threshold.py`). bench/README.md, "Memory: the C
+heap's threshold fixed".
 
 `apply` fixes the threshold once per process, unless the user chose one (`MALLOC_MMAP_THRESHOLD_`,
 or `GLIBC_TUNABLES` naming it); on a C library without `mallopt` (musl, macOS) it does nothing.

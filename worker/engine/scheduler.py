@@ -18,8 +18,8 @@ What it does that `transformers.generate` over fixed batches does not (each can 
   run through oneDNN rather than MKL's GEMM where that was timed faster on the machine
   (`cpu_linear`), the in-place attention is one C kernel
   (`cpu_attention`), and the loop runs on one thread while other work has the cores (`contention`);
-- on CPU, the C heap gives a step's large tensors pages of their own (`worker.heap`), so that a
-  run's resident memory does not depend on how freed blocks fell in the heap;
+- on CPU, the C heap gives a step's large tensors pages of their own (`worker.heap`), so that what
+  a run keeps resident depends less on where freed blocks fell in the heap;
 - one host-device sync per decode step: the sampled tokens, read back once (`tolist`); the next
   step's input is taken from them on the device, and which rows remain is known on the host;
 - a shutdown stops it at the next step: `DecodeRequest.check_stop` reads a Python flag and raises
