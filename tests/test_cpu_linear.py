@@ -139,8 +139,8 @@ def test_a_weight_changed_in_place_is_read_as_it_is() -> None:
     close(after, plain(model, x))
 
 
-@pytest.mark.parametrize("rows", [1, 7, 8, 13, 16])
-def test_the_output_projection_goes_through_onednn_padded_to_a_multiple_of_rows(rows: int) -> None:
+@pytest.mark.parametrize("rows", [1, 7, 8, 13])
+def test_the_output_projection_goes_through_onednn_padded_to_a_multiple_of_8_rows(rows: int) -> None:
     """The head's own forward (`cpu_head`) calls `linear` too; oneDNN keeps a scratch buffer per row
     count it has seen, so every oneDNN input is padded to a multiple of `ROWS` rows."""
     model = Model()

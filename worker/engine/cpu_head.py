@@ -14,8 +14,7 @@ on any device, the kept positions of a scoring pass flattened first.
 Both patch only a plain `nn.Linear` head, and change nothing outside their block. Inside
 `cpu_linear.onednn` the head's product goes through oneDNN, still padded: oneDNN is not slower
 unpadded (9.4 ms at 13 rows, 10.5 ms at 16), but it keeps a scratch buffer of about 2.4 MiB per row
-count it has seen for this head, so `cpu_linear.linear` pads its rows further, to a multiple of
-`cpu_linear.ROWS` (16), bounding that memory to one buffer per multiple of 16.
+count it has seen for this head, so padding bounds that memory to one buffer per multiple of 8.
 """
 
 from __future__ import annotations

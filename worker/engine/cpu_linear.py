@@ -10,7 +10,7 @@ position per row (a decode step) computes `x @ W.T + b` with `torch.ops.mkldnn._
 on the same weight tensor: no copy, no packing, and a weight changed in place (a merged adapter) is
 read as it is. The rows are padded to a multiple of `ROWS`: oneDNN keeps a primitive (JIT code and a
 scratch buffer, about 2.4 MiB for the demo model's head) per row count it has seen, so padding bounds
-them to one per multiple of `ROWS`. What remains is a fixed cost of the library, measured in
+them to one per multiple of 8. What remains is a fixed cost of the library, measured in
 bench/README.md.
 
 The products are the same up to float rounding (another summation order, as a GEMM over another
@@ -47,10 +47,8 @@ import torch.nn.functional as F  # noqa: N812
 
 log = logging.getLogger(__name__)
 
-#: oneDNN's inputs are padded to a multiple of this many rows (see `linear`). 16 rather than 8: a run
-#: with 3 adapters (up to 32 rows) peaked 20 MiB lower (2 row counts' primitives instead of 4) at the
-#: same speed within the host's noise (bench/README.md, "oneDNN's rows padded to 16").
-ROWS = 16
+#: oneDNN's inputs are padded to a multiple of this many rows (see `linear`).
+ROWS = 8
 #: Smaller weights keep MKL: LoRA's A and B and tiny models, where oneDNN's ~20 us per call is more
 #: than their whole product (`bench/linear_kernels.py --shape tiny`), and narrow projections such as
 #: the demo model's 576 x 192 keys and values (110,592 elements), where oneDNN took 0.8x MKL's time
