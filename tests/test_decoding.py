@@ -81,7 +81,7 @@ def tiny() -> dict[str, Any]:
 
 ALL_OFF = DecodeOptions(capacity=6, refill=False, share_prefix=False, route_lora=False, last_logits_only=False,
                         pad_output_rows=False, in_place_attention=False, onednn_linear=False,
-                        govern_threads=False)
+                        govern_threads=False, trim_heap=False)
 VARIANTS = {
     "none": ALL_OFF,
     "refill": replace(ALL_OFF, refill=True),
@@ -92,6 +92,7 @@ VARIANTS = {
     "output projection on padded rows": replace(ALL_OFF, pad_output_rows=True),
     "float32 linear layers through oneDNN": replace(ALL_OFF, onednn_linear=True),
     "threads governed": replace(ALL_OFF, govern_threads=True),
+    "heap trimmed after each prefill": replace(ALL_OFF, trim_heap=True),
     "all": DecodeOptions(capacity=6),
     "all, one row at a time": DecodeOptions(capacity=1),
     "all, everything in one batch": DecodeOptions(capacity=100),
@@ -158,6 +159,46 @@ def test_a_batch_without_adapters_samples_reproducibly_from_its_seed(tiny: dict[
     assert sampled != other
     assert sampled != greedy
     assert narrow == greedy
+
+
+def test_a_refill_joins_sampled_tokens_not_logits(tiny: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """At a refill the rows in flight have sampled their next tokens (and dropped their [rows, vocab]
+    logits) before the joining rows' prefill runs, and the joining rows theirs before they join: no
+    logits are held through a prefill, concatenated or reordered (a run's memory peaked there). The
+    tokens are those of single-prompt generation, greedy; sampling stays reproducible from its seed."""
+    from worker.engine import scheduler
+    from worker.engine.batch import Batch
+
+    seen: list[tuple[str, bool, bool]] = []
+    prefill, absorb = scheduler._prefill, Batch.absorb
+
+    def watched_prefill(call: Any, rows: list[int], reserve: int = 0, into: Batch | None = None) -> Batch:
+        if into is not None:
+            seen.append(("prefill", into.logits is None, into.chosen is not None))
+        return prefill(call, rows, reserve=reserve, into=into)
+
+    def watched_absorb(self: Batch, fresh: Batch) -> None:
+        seen.append(("absorb", self.logits is None and fresh.logits is None,
+                     self.chosen is not None and fresh.chosen is not None))
+        absorb(self, fresh)
+
+    monkeypatch.setattr(scheduler, "_prefill", watched_prefill)
+    monkeypatch.setattr(Batch, "absorb", watched_absorb)
+    rows = tiny["rows"]
+    greedy = GenerationConfig(max_new_tokens=NEW_TOKENS)
+    got = decode_rows(tiny["model"], [p for p, _ in rows], request(greedy), options=DecodeOptions(capacity=6),
+                      adapter_names=[n for _, n in rows])
+    assert got == tiny["reference"]
+    assert [s[0] for s in seen].count("absorb") >= 3  # it did refill
+    assert all(dropped and chosen for _, dropped, chosen in seen), seen
+
+    sampling = replace(greedy, do_sample=True, temperature=0.8)
+    draws = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        draws.append(decode_rows(tiny["model"], [p for p, _ in rows], request(sampling),
+                                 options=DecodeOptions(capacity=6), adapter_names=[n for _, n in rows]))
+    assert draws[0] == draws[1] and draws[0] != got
 
 
 def _shuffled_logits(probs: list[float], rows: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

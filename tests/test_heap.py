@@ -93,3 +93,62 @@ def test_the_model_host_and_a_cpu_decode_call_apply_it() -> None:
     request = DecodeRequest(GenerationConfig(max_new_tokens=2), set(), 0, torch.device("cpu"))
     decode_rows(LlamaForCausalLM(config).eval(), [[5, 6, 7]], request, options=DecodeOptions(capacity=2))
     assert heap.apply.cache_info().currsize == 1
+
+
+#: A child that takes 96 blocks of 512 KiB from the heap (under the threshold), frees every other one
+#: (free space between blocks still held, which the heap keeps resident), and prints its anonymous
+#: resident memory (KiB) before and after `heap.trim()`.
+FRAGMENTED = """
+import ctypes, ctypes.util
+from worker import heap
+assert heap.apply()
+libc = ctypes.CDLL(ctypes.util.find_library("c"))
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, (ctypes.c_size_t,)
+libc.free.argtypes = (ctypes.c_void_p,)
+def anon():
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("RssAnon"))
+blocks = [libc.malloc(512 << 10) for _ in range(96)]
+for block in blocks:
+    ctypes.memset(block, 1, 512 << 10)  # resident
+for block in blocks[0::2]:
+    libc.free(block)
+before = anon()
+assert heap.trim()
+print(before, anon())
+"""
+
+
+def test_trim_hands_back_the_free_pages_inside_the_heap() -> None:
+    """24 MiB freed between blocks still held stays resident in glibc's heap; `trim` gives it back."""
+    mapped_bytes()  # skips where there is no glibc
+    done = subprocess.run([sys.executable, "-c", FRAGMENTED], capture_output=True, text=True, check=True, cwd=ROOT)
+    before, after = map(int, done.stdout.split())
+    assert before - after > 20 << 10, (before, after)  # KiB
+
+
+def test_a_cpu_decode_call_trims_the_heap_after_each_prefill(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once after every prefill (the first and each refill), unless `trim_heap` is off."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from contract.config import GenerationConfig
+    from worker.engine import scheduler
+    from worker.engine.call import DecodeOptions
+    from worker.engine.request import DecodeRequest
+    from worker.engine.scheduler import decode_rows
+
+    calls: list[str] = []
+    prefill = scheduler._prefill
+    monkeypatch.setattr(scheduler, "_prefill", lambda *a, **kw: (calls.append("prefill"), prefill(*a, **kw))[1])
+    monkeypatch.setattr(heap, "trim", lambda: calls.append("trim") is None)
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=4, vocab_size=64)
+    model = LlamaForCausalLM(config).eval()
+    request = DecodeRequest(GenerationConfig(max_new_tokens=3), set(), 0, torch.device("cpu"))
+    prompts = [[5, 6, 7 + i] for i in range(6)]
+    trimmed = decode_rows(model, prompts, request, options=DecodeOptions(capacity=2))
+    assert calls.count("prefill") >= 3 and calls == ["prefill", "trim"] * calls.count("prefill")
+    calls.clear()
+    kept = decode_rows(model, prompts, request, options=DecodeOptions(capacity=2, trim_heap=False))
+    assert "trim" not in calls and calls.count("prefill") >= 3
+    assert kept == trimmed

@@ -9,6 +9,7 @@ import torch
 from transformers import DynamicCache
 
 from .kv_cache import RowsLayer, cache_layers
+from .sampling import SamplingParams, sample
 
 if TYPE_CHECKING:
     from .call import DecodeCall
@@ -41,7 +42,8 @@ class Batch:
       columns, padding on their left (zeros), so the first own column some row uses is
       `own width - max(lengths)`, known on the host (nothing is read back from the device);
     - `next_pos[s]` is the position of row s's next token (real tokens only: padding takes none);
-    - `logits` are the next-token logits of every row until they are sampled, then None until `step`.
+    - `logits` are the next-token logits of every row until they are sampled (`choose`), then None
+      until `step`; `chosen` holds the tokens sampled from them until the loop takes them (or None).
     """
 
     rows: list[int]
@@ -56,6 +58,8 @@ class Batch:
     plen: int
     #: per row, its real own columns (prompt tail + tokens fed back), on the host
     lengths: list[int]
+    #: [rows] int64, each row's next token sampled from `logits` (`choose`); None until then
+    chosen: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -71,6 +75,8 @@ class Batch:
         self.mask, self.next_pos = self.mask[index], self.next_pos[index]
         if self.logits is not None:
             self.logits = self.logits[index]
+        if self.chosen is not None:
+            self.chosen = self.chosen[index]
         for layer in cache_layers(self.cache):
             if isinstance(layer, RowsLayer):
                 layer.select(slots, index)
@@ -92,9 +98,17 @@ class Batch:
             names = self.names
             self.keep(sorted(range(len(names)), key=lambda s: names[s]))
 
+    def choose(self, sampling: SamplingParams) -> None:
+        """Sample each row's next token from `logits` into `chosen` and drop the logits (no-op when
+        chosen already)."""
+        if self.chosen is None:
+            assert self.logits is not None
+            self.chosen, self.logits = sample(self.logits, params=sampling), None
+
     def absorb(self, fresh: Batch) -> None:
         """Append the rows of `fresh`, prefilled into this batch's cache (`scheduler.prefill(into=...)`);
-        the shorter rows' columns are padded on the left."""
+        the shorter rows' columns are padded on the left. Both have `chosen` their next tokens, so no
+        [rows, vocab] logits are copied to join them."""
         p = self.plen
         width = max(self.mask.shape[1], fresh.mask.shape[1]) - p
         self.rows += fresh.rows
@@ -104,8 +118,8 @@ class Batch:
         self.next_pos = torch.cat([self.next_pos, fresh.next_pos])
         if self.names is not None and fresh.names is not None:
             self.names += fresh.names
-        assert self.logits is not None and fresh.logits is not None and fresh.cache is self.cache
-        self.logits = torch.cat([self.logits, fresh.logits])
+        assert self.chosen is not None and fresh.chosen is not None and fresh.cache is self.cache
+        self.chosen = torch.cat([self.chosen, fresh.chosen])
         for layer in cache_layers(self.cache):
             layer.commit()
 

@@ -48,6 +48,8 @@ class DecodeOptions:
     onednn_linear: bool | None = None
     #: On CPU, one thread instead of several while other work takes the cores (`contention`).
     govern_threads: bool = True
+    #: On CPU, hand the C heap's free pages back to the system after each prefill (`worker.heap.trim`).
+    trim_heap: bool = True
 
 
 def _last_logits_kwargs(model: Any) -> dict[str, int]:

@@ -13,13 +13,17 @@ What it does that `transformers.generate` over fixed batches does not (each can 
   columns where they are, the prefix once per run of rows of a variant, so that no step copies the
   cache;
 - similar lengths: rows are admitted longest prompt first, so each prefill pads little;
-- logits for the last position only: the prefill never builds a [rows, tokens, vocab] tensor;
+- logits for the last position only: the prefill never builds a [rows, tokens, vocab] tensor; at a
+  refill the rows in flight take their next tokens before the prefill and the joining rows right
+  after it, so their [rows, vocab] logits are freed, not concatenated and reordered (a run's memory
+  peaks at the refills: bench/README.md, memory);
 - on CPU, the output projection runs on a multiple of 8 rows (`cpu_head`), float32 linear layers
   run through oneDNN rather than MKL's GEMM where that was timed faster on the machine
   (`cpu_linear`), the in-place attention is one C kernel
   (`cpu_attention`), and the loop runs on one thread while other work has the cores (`contention`);
-- on CPU, the C heap gives a step's large tensors pages of their own (`worker.heap`), so that what
-  a run keeps resident depends less on where freed blocks fell in the heap;
+- on CPU, the C heap gives a step's large tensors pages of their own, and hands back its free pages
+  after each prefill (`worker.heap`), so that what a run keeps resident depends less on where freed
+  blocks fell in the heap;
 - one host-device sync per decode step: the sampled tokens, read back once (`tolist`); the next
   step's input is taken from them on the device, and which rows remain is known on the host;
 - a shutdown stops it at the next step: `DecodeRequest.check_stop` reads a Python flag and raises
@@ -48,7 +52,6 @@ from .fidelity import DecodePlan, plan_decode
 from .kv_cache import RowsLayer, cache_layers, rows_cache
 from .prefix import SharedPrefix, common_prefix
 from .request import DecodeRequest
-from .sampling import sample
 
 
 @torch.inference_mode()
@@ -91,6 +94,7 @@ def _stream(call: DecodeCall) -> list[list[int]]:
     capacity = max(1, options.capacity)
     threshold = max(1, int(capacity * options.refill_fraction)) if options.refill else capacity
     batch: Batch | None = None
+    trim = options.trim_heap and call.device.type == "cpu"
     observer = steps.observer  # None unless a benchmark records the steps (`steps.observe`)
     stepped: tuple[int, int] | None = None  # (rows, context) of the forward pass since the last sync
     synced = 0.0
@@ -100,18 +104,25 @@ def _stream(call: DecodeCall) -> list[list[int]]:
         prefilled = False
         if waiting and (batch is None or free >= min(threshold, len(waiting))):
             prefilled = True
+            if batch is not None:  # the rows in flight sample first: their logits are freed before the prefill
+                batch.choose(call.sampling)
             admitted, waiting = waiting[:free], waiting[free:]
             # The first rows of a batch reserve its capacity in the cache, so that rows joining later
             # are written in place.
             fresh = _prefill(call, admitted, reserve=min(capacity, len(waiting) + len(admitted)), into=batch)
+            fresh.choose(call.sampling)
+            if trim:
+                heap.trim()  # the prefill's intermediates, freed inside the C heap, go back to the system
             if batch is None:
                 batch = fresh
             else:
                 batch.absorb(fresh)
+            del fresh
             batch.group()
-        assert batch is not None and batch.logits is not None
-        chosen = sample(batch.logits, params=call.sampling)  # [rows], on the device
-        batch.logits = None  # used: `step` computes the next ones
+        assert batch is not None
+        batch.choose(call.sampling)  # [rows], on the device; the logits are dropped (`step` computes the next)
+        chosen, batch.chosen = batch.chosen, None
+        assert chosen is not None
         keep: list[int] = []
         sampled = chosen.tolist()  # the step's one sync
         contention.step()
