@@ -172,3 +172,12 @@ def test_the_heap_threshold_script_runs_tiny() -> None:
                            "--steps", "3", "--repeat", "1"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "own pages / heap:" in done.stdout
+
+
+def test_the_heap_trim_script_runs_tiny() -> None:
+    """bench/heap_trim.py: a decode call with the heap trimmed after each prefill and without, side by side."""
+    done = subprocess.run([sys.executable, str(REPO / "bench/heap_trim.py"), "--shape", "tiny", "--prompts", "4",
+                           "--adapters", "1", "--new-tokens", "4", "--batch", "2", "--repeat", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "trimmed / not trimmed:" in done.stdout and "tokens the same on 8/8 rows" in done.stdout
