@@ -65,25 +65,26 @@ def install_hold(hold_file: str | None = os.environ.get(HOLD_ENV)) -> None:
 
 
 def install_slow_step(seconds: str | None = os.environ.get(SLOW_STEP_ENV)) -> None:
-    """Wrap the decode loop's sampler (`worker.engine.scheduler.sample`, called once per step): sleep first."""
+    """Wrap the decode loop's once-per-step hook (`worker.engine.contention.step`, called at each step's
+    sync): sleep first."""
     if not seconds:
         return
     import time
 
-    from worker.engine import scheduler
+    from worker.engine import contention
 
-    sample = scheduler.sample
+    step = contention.step
     said = False
 
-    def slow_sample(*args: Any, **kwargs: Any) -> Any:
+    def slow_step() -> None:
         nonlocal said
         if not said:
             log.error("fault injection: every decode step is %ss slower", seconds)
             said = True
         time.sleep(float(seconds))
-        return sample(*args, **kwargs)
+        step()
 
-    scheduler.sample = slow_sample  # type: ignore[assignment]
+    contention.step = slow_step  # type: ignore[assignment]
 
 
 install()
