@@ -462,12 +462,16 @@ def test_cache_buffers_in_pages_of_their_own_are_zeros_and_go_back_to_the_system
     assert big.shape == (64, 2, 1024, 64) and big.dtype == torch.float32 and big.is_contiguous()
     assert not big.any()
     big.fill_(1.5)  # written: resident
-    assert _rss_mib() - before > 24
     view = big[1:, :, 3:]  # a view keeps the pages alive
     del big
     assert float(view.sum()) == 1.5 * view.numel()
+    held = _rss_mib()
+    assert held - before > 24
     del view
-    assert _rss_mib() - before < 8  # unmapped at once, where the heap keeps what it frees
+    # unmapped at once, where the heap keeps what it frees; measured against the RSS with it held, as
+    # other allocations of the process (a heap trimmed by an earlier decode call faulting its pages
+    # back in) may move it by a few MiB meanwhile
+    assert held - _rss_mib() > 24
     half = kv_cache.zeros((8,), torch.ones(1, dtype=torch.float16))
     assert half.dtype == torch.float16 and not half.any()
 
