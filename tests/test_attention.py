@@ -263,9 +263,11 @@ def test_without_a_compiler_or_when_switched_off_the_engine_keeps_flash(fresh_ke
 
 def test_the_build_variants_compute_the_same_and_the_faster_is_kept(tmp_path: Any, monkeypatch: pytest.MonkeyPatch,
                                                                     caplog: pytest.LogCaptureFixture) -> None:
-    """With and without software prefetch (which is faster depends on the machine's prefetchers): the
-    same bits, whichever `_build` keeps, and it keeps the one its timing found faster (the first, and a
-    log that says it was not timed, when timing fails)."""
+    """With and without software prefetch (which is faster depends on the machine's prefetchers), with
+    16-float or 8-float vectors (AVX-512 or AVX2 registers): each the plain operations at float32
+    rounding in the compiled shapes and the others, the same bits with and without prefetch, and
+    `_build` keeps the one its timing found faster (the first, and a log that says it was not timed,
+    when timing fails)."""
     runtime = cpu_attention._openmp_runtime()
     cc = cpu_attention.shutil.which("cc") or cpu_attention.shutil.which("gcc")
     assert runtime is not None and cc is not None
@@ -274,11 +276,17 @@ def test_the_build_variants_compute_the_same_and_the_faster_is_kept(tmp_path: An
         cpu_attention._compile(cc, runtime, define, tmp_path / f"{name}.so")
         functions[name] = cpu_attention._load(tmp_path / f"{name}.so")
         assert cpu_attention._probe(functions[name])
-    c = kernel_case(5)
-    own_mask = attention._additive(c["mask"], c["handoff"].keys.shape[2], c["query"])
-    with torch.no_grad():
-        outs = [cpu_attention.run(f, c["query"], c["handoff"], own_mask, c["scale"]) for f in functions.values()]
-    assert torch.equal(outs[0], outs[1])
+    for dim, groups in [(64, 3), (64, 1), (128, 4), (16, 5), (64, 5)]:
+        c = case(200 + groups, mask="bool", dim=dim, groups=groups)
+        own_mask = attention._additive(c["mask"], c["handoff"].keys.shape[2], c["query"])
+        with torch.no_grad():
+            outs = {name: cpu_attention.run(f, c["query"], c["handoff"], own_mask, c["scale"])
+                    for name, f in functions.items()}
+        expected = whole_sdpa(c)
+        for name, out in outs.items():
+            torch.testing.assert_close(out.transpose(1, 2), expected, rtol=1e-5, atol=1e-5, msg=name)
+        assert torch.equal(outs["prefetch"], outs["no-prefetch"])
+        assert torch.equal(outs["w8-prefetch"], outs["w8-no-prefetch"])
     times = cpu_attention._timed(functions, rounds=1)
     assert set(times) == set(cpu_attention.VARIANTS) and all(0 < t < float("inf") for t in times.values())
 
@@ -311,7 +319,7 @@ def test_the_build_variants_compute_the_same_and_the_faster_is_kept(tmp_path: An
 
 
 def test_a_build_compiles_each_variant_and_returns_the_kept_one(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    """`_build` end to end (the compiler run for real): both variants compiled, the kept one at the
+    """`_build` end to end (the compiler run for real): every variant compiled, the kept one at the
     target, its function returned loaded."""
     runtime = cpu_attention._openmp_runtime()
     cc = cpu_attention.shutil.which("cc") or cpu_attention.shutil.which("gcc")

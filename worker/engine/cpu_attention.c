@@ -3,13 +3,17 @@
  * Built and loaded by cpu_attention.py (see there for when it is used). One query position per row;
  * for each (row, key/value head) pair, the head's `groups` query heads attend over the row's prefix
  * columns (its variant's, shared by rows) and then its own columns, in one pass of an online softmax:
- * blocks of 16 keys, scores for the block as one vector per query (the 16 dot products reduced
+ * blocks of W keys, scores for the block as one vector per query (the W dot products reduced
  * together), the block's exponentials, then the values weighted into the accumulators. Each key and
  * value is loaded once for all the head's queries. A block whose mask hides all its columns is not
  * read (a younger row's left padding). float32 throughout; head_dim a multiple of 16.
  *
- * Portable C with GCC's vector extensions: the compiler maps a 16-float vector onto AVX-512, AVX2 or
- * SSE, whatever -march allows. Threads: OpenMP, linked to the runtime torch itself uses, so that
+ * Portable C with GCC's vector extensions: the compiler maps a W-float vector onto AVX-512, AVX2 or
+ * SSE, whatever -march allows. W (floats per vector and keys per block) is 16 by default, one AVX-512
+ * register; built with -DW=8 a vector is one AVX2 register: without AVX-512 a 16-float vector is two
+ * registers, its shuffles cross them, and the queries' partial scores no longer fit in registers
+ * (on an AVX2-only AMD EPYC a step's attention grew 1.4x from 100 to 500 tokens with W 16).
+ * Threads: OpenMP, linked to the runtime torch itself uses, so that
  * torch.set_num_threads applies and no second pool of threads competes with torch's.
  *
  * The common shapes (head_dim 64 or 128, 1-4 query heads per key/value head) are compiled with both
@@ -23,10 +27,15 @@
 #include <stdint.h>
 #include <string.h>
 
-typedef float vf __attribute__((vector_size(64)));
-typedef int32_t vi __attribute__((vector_size(64)));
+#ifndef W
+#define W 16          /* floats per vector, keys per block: 16 or 8 */
+#endif
+#if W != 16 && W != 8
+#error "W must be 16 or 8"
+#endif
+typedef float vf __attribute__((vector_size(W * 4)));
+typedef int32_t vi __attribute__((vector_size(W * 4)));
 
-#define W 16          /* floats per vector, keys per block */
 #define MAX_GROUPS 16 /* query heads per key/value head */
 #define MAX_DIM 256   /* head_dim */
 /* Keys and values are fetched this many columns ahead of their use (0: not at all). A (row, head)
@@ -43,8 +52,9 @@ static inline vf load(const float *p) { vf x; memcpy(&x, p, sizeof x); return x;
 static inline void store(float *p, vf x) { memcpy(p, &x, sizeof x); }
 static inline vf splat(float f) { return (vf){0} + f; }
 
+#if W == 16
 /* out[t] = sum of a[t]'s 16 lanes, for t < 16: 15 shuffle pairs instead of 16 horizontal sums. */
-static inline vf reduce16(const vf a[W]) {
+static inline vf reduce_block(const vf a[W]) {
     const vi lo8 = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23};
     const vi hi8 = {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31};
     const vi lo4 = {0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27};
@@ -62,23 +72,55 @@ static inline vf reduce16(const vf a[W]) {
         d[i] = __builtin_shuffle(c[2 * i], c[2 * i + 1], lo2) + __builtin_shuffle(c[2 * i], c[2 * i + 1], hi2);
     return __builtin_shuffle(d[0], d[1], lo1) + __builtin_shuffle(d[0], d[1], hi1);
 }
+#else
+/* out[t] = sum of a[t]'s 8 lanes, for t < 8: the same tree, one level shorter. */
+static inline vf reduce_block(const vf a[W]) {
+    const vi lo4 = {0, 1, 2, 3, 8, 9, 10, 11};
+    const vi hi4 = {4, 5, 6, 7, 12, 13, 14, 15};
+    const vi lo2 = {0, 1, 4, 5, 8, 9, 12, 13};
+    const vi hi2 = {2, 3, 6, 7, 10, 11, 14, 15};
+    const vi lo1 = {0, 2, 4, 6, 8, 10, 12, 14};
+    const vi hi1 = {1, 3, 5, 7, 9, 11, 13, 15};
+    vf b[4], c[2];
+    for (int i = 0; i < 4; i++)
+        b[i] = __builtin_shuffle(a[2 * i], a[2 * i + 1], lo4) + __builtin_shuffle(a[2 * i], a[2 * i + 1], hi4);
+    for (int i = 0; i < 2; i++)
+        c[i] = __builtin_shuffle(b[2 * i], b[2 * i + 1], lo2) + __builtin_shuffle(b[2 * i], b[2 * i + 1], hi2);
+    return __builtin_shuffle(c[0], c[1], lo1) + __builtin_shuffle(c[0], c[1], hi1);
+}
+#endif
 
 static inline vf vmax(vf a, vf b) { return (vf)(((vi)a & (a > b)) | ((vi)b & ~(a > b))); }
 
-/* The largest and the sum of a vector's 16 lanes, as a tree of 4 shuffles (not 15 scalar steps). */
+/* The largest and the sum of a vector's W lanes, as a tree of shuffles (not W - 1 scalar steps). */
+#if W == 16
+#define SWAP8 (vi){8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7}
+#define SWAP4 (vi){4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11}
+#define SWAP2 (vi){2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13}
+#define SWAP1 (vi){1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14}
+#else
+#define SWAP4 (vi){4, 5, 6, 7, 0, 1, 2, 3}
+#define SWAP2 (vi){2, 3, 0, 1, 6, 7, 4, 5}
+#define SWAP1 (vi){1, 0, 3, 2, 5, 4, 7, 6}
+#endif
+
 static inline float lanes_max(vf x) {
-    x = vmax(x, __builtin_shuffle(x, (vi){8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7}));
-    x = vmax(x, __builtin_shuffle(x, (vi){4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11}));
-    x = vmax(x, __builtin_shuffle(x, (vi){2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13}));
-    x = vmax(x, __builtin_shuffle(x, (vi){1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14}));
+#if W == 16
+    x = vmax(x, __builtin_shuffle(x, SWAP8));
+#endif
+    x = vmax(x, __builtin_shuffle(x, SWAP4));
+    x = vmax(x, __builtin_shuffle(x, SWAP2));
+    x = vmax(x, __builtin_shuffle(x, SWAP1));
     return x[0];
 }
 
 static inline float lanes_sum(vf x) {
-    x = x + __builtin_shuffle(x, (vi){8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
-    x = x + __builtin_shuffle(x, (vi){4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11});
-    x = x + __builtin_shuffle(x, (vi){2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13});
-    x = x + __builtin_shuffle(x, (vi){1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14});
+#if W == 16
+    x = x + __builtin_shuffle(x, SWAP8);
+#endif
+    x = x + __builtin_shuffle(x, SWAP4);
+    x = x + __builtin_shuffle(x, SWAP2);
+    x = x + __builtin_shuffle(x, SWAP1);
     return x[0];
 }
 
@@ -150,7 +192,7 @@ static inline __attribute__((always_inline)) void segment(
             }
         }
         for (int j = 0; j < groups; j++) {
-            vf score = reduce16(part[j]) + add;
+            vf score = reduce_block(part[j]) + add;
             float top = lanes_max(score);
             if (top == -INFINITY) { memset(p[j], 0, sizeof p[j]); continue; }
             float m = s->m[j] > top ? s->m[j] : top;

@@ -5,7 +5,7 @@ flash attention took 2.1-2.3x the time of reading them (bench/decode_attention.p
 query heads per key/value head its products are 3-row matrix products, which its kernels run far
 below the memory's bandwidth. `cpu_attention.c` does one (row, key/value head) pair at a time: the
 head's query heads against the row's prefix columns and then its own columns, in one pass of an
-online softmax over blocks of 16 keys, each key and value loaded once for all of them, the blocks a
+online softmax over blocks of 16 (or 8) keys, each key and value loaded once for all of them, the blocks a
 younger row's left padding hides not read at all. Nothing is copied: the own columns are read in the
 cache's buffer, the prefix in its variant's tensor.
 
@@ -13,12 +13,14 @@ It is C, compiled here on first use by the machine's C compiler (`CC`, else `cc`
 (`-march=native`) and kept in the cache folder (`LORA_COMPARE_CACHE`/kernels, by a hash of the
 source, the compiler, the CPU's flags and torch's OpenMP runtime), then loaded with ctypes. Its
 threads are OpenMP's, linked to the runtime torch itself loaded, so `torch.set_num_threads` sizes
-them and no second pool competes with torch's. It is built twice, with and without software prefetch
-(which reads faster depends on the machine's prefetchers: a Xeon needed it, an AMD EPYC ran faster
-without), both timed on a 75 MB case, and the faster kept (about 8 s, once per machine, when a CPU
-worker loads a float32 model). Where any of that is missing (no compiler, no OpenMP
-runtime in torch, a build that fails, a probe that disagrees with the plain operations), `attend`
-returns None and the engine keeps torch's flash attention; the log says why, once.
+them and no second pool competes with torch's. It is built four times, with and without software
+prefetch (which reads faster depends on the machine's prefetchers: a Xeon needed it, an AMD EPYC ran
+faster without) and with 16-float or 8-float vectors (one AVX-512 or one AVX2 register: on an
+AVX2-only EPYC the 16-float build ran 3.2x slower), all timed on a 75 MB case, and the fastest kept
+(about 15 s, once per machine, when a CPU worker loads a float32 model). Where any of that is
+missing (no compiler, no OpenMP runtime in torch, a build that fails, a probe that disagrees with
+the plain operations), `attend` returns None and the engine keeps torch's flash attention; the log
+says why, once.
 
 The numbers are the same softmax in another summation order (and an exp within about 1 ulp), as
 between any two attention kernels: tests/test_attention.py holds it to the plain operations at float32
@@ -88,14 +90,19 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
-#: The kernel's build variants: software prefetch 16 columns ahead, or none (`AHEAD` in the source).
-#: Which reads faster depends on the machine's prefetchers, so both are built and timed (`_build`).
-VARIANTS = {"prefetch": "-DAHEAD=16", "no-prefetch": "-DAHEAD=0"}
+#: The kernel's build variants: software prefetch 16 columns ahead, or none (`AHEAD` in the source),
+#: each with 16-float vectors (one AVX-512 register) or 8 (`W`: one AVX2 register). Which is faster
+#: depends on the machine's prefetchers and vector units, so all are built and timed (`_build`): on an
+#: AVX2-only AMD EPYC (family 23) the timing case took 18.5 ms with 16-float vectors, 5.8 with 8
+#: (prefetch on both; 2026-12-02, bench/README.md).
+VARIANTS = {"prefetch": "-DAHEAD=16", "no-prefetch": "-DAHEAD=0",
+            "w8-prefetch": "-DAHEAD=16 -DW=8", "w8-no-prefetch": "-DAHEAD=0 -DW=8"}
 
 
 def _compile(cc: str, runtime: Path, define: str, lib: Path) -> None:
     obj = lib.with_suffix(".o")
-    subprocess.run([cc, "-O3", "-march=native", "-fPIC", define, "-fopenmp", "-c", str(SOURCE), "-o", str(obj)],
+    subprocess.run([cc, "-O3", "-march=native", "-fPIC", *define.split(), "-Wno-psabi", "-fopenmp", "-c", str(SOURCE),
+                    "-o", str(obj)],
                    check=True, capture_output=True, text=True, timeout=120)
     # linked to torch's own OpenMP library (not the compiler's): one runtime, one pool of threads
     subprocess.run([cc, "-shared", str(obj), "-o", str(lib), str(runtime), f"-Wl,-rpath,{runtime.parent}"],
