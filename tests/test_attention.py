@@ -299,13 +299,14 @@ def test_the_build_variants_compute_the_same_and_the_faster_is_kept(tmp_path: An
         return copies
 
     for faster in cpu_attention.VARIANTS:
-        monkeypatch.setattr(cpu_attention, "_timed", lambda fs, f=faster: {n: 1.0 if n == f else 2.0 for n in fs})
+        monkeypatch.setattr(cpu_attention, "_timed",
+                            lambda fs, f=faster, **_: {n: 1.0 if n == f else 2.0 for n in fs})
         target = tmp_path / f"kept-{faster}.so"
         kept = cpu_attention._keep_fastest(built(faster), target)
         assert target.read_bytes() == (tmp_path / f"{faster}.so").read_bytes()
         assert cpu_attention._probe(kept)
 
-    def no_timing(functions: Any) -> dict[str, float]:
+    def no_timing(functions: Any, **_: Any) -> dict[str, float]:
         raise RuntimeError("no memory to time in")
 
     monkeypatch.setattr(cpu_attention, "_timed", no_timing)  # a speed choice only: the first is kept
@@ -318,17 +319,26 @@ def test_the_build_variants_compute_the_same_and_the_faster_is_kept(tmp_path: An
     assert said[0].getMessage().endswith(f"{first} (not timed: no memory to time in)")
 
 
-def test_a_build_compiles_each_variant_and_returns_the_kept_one(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    """`_build` end to end (the compiler run for real): every variant compiled, the kept one at the
-    target, its function returned loaded."""
+def test_a_build_compiles_each_variant_and_returns_the_kept_one(tmp_path: Any, monkeypatch: pytest.MonkeyPatch,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    """`_build` end to end (the compiler run for real): every variant compiled, timed on this machine's
+    case (its size in the log), the kept one at the target, its function returned loaded."""
     runtime = cpu_attention._openmp_runtime()
     cc = cpu_attention.shutil.which("cc") or cpu_attention.shutil.which("gcc")
     assert runtime is not None and cc is not None
     compiled: list[str] = []
     real = cpu_attention._compile
     monkeypatch.setattr(cpu_attention, "_compile", lambda *a: (compiled.append(a[2]), real(*a))[1])
-    monkeypatch.setattr(cpu_attention, "_timed", lambda fs: {n: float(i) for i, n in enumerate(fs)})
-    function = cpu_attention._build(cc, runtime, tmp_path / "kernels" / "k.so")
+    asked: list[int] = []
+    monkeypatch.setattr(cpu_attention, "_timed",
+                        lambda fs, columns: (asked.append(columns), {n: float(i) for i, n in enumerate(fs)})[1])
+    with caplog.at_level(logging.INFO, logger=cpu_attention.__name__):
+        function = cpu_attention._build(cc, runtime, tmp_path / "kernels" / "k.so")
+    cache = cpu_attention._last_level_cache()
+    assert asked == [cpu_attention._timing_columns(cache)]
+    said = [r.getMessage() for r in caplog.records if "built into" in r.getMessage()]
+    assert len(said) == 1 and f"on {asked[0] * 24 * 3 * 64 * 8 >> 20} MiB of keys and values" in said[0]
+    assert said[0].endswith(f"the last-level cache {cache >> 20} MiB)" if cache else "the last-level cache unknown)")
     assert compiled == list(cpu_attention.VARIANTS.values())
     assert (tmp_path / "kernels" / "k.so").exists() and cpu_attention._probe(function)
     assert [p.name for p in (tmp_path / "kernels").iterdir()] == ["k.so"]  # nothing else left behind
@@ -342,3 +352,47 @@ def test_a_kernel_that_disagrees_with_the_plain_operations_is_not_used() -> None
 
     assert not cpu_attention._probe(wrong)
     assert cpu_attention._probe(cpu_attention._kernel())
+
+
+def _cache_tree(root: Path, caches: dict[int, list[tuple[int, str, str, str]]]) -> Path:
+    """A sysfs cpu folder: cpu number -> its caches as (level, type, size, shared_cpu_list)."""
+    for cpu, entries in caches.items():
+        for i, (level, kind, size, shared) in enumerate(entries):
+            index = root / f"cpu{cpu}" / "cache" / f"index{i}"
+            index.mkdir(parents=True)
+            for name, text in (("level", str(level)), ("type", kind), ("size", size), ("shared_cpu_list", shared)):
+                (index / name).write_text(text + "\n")
+    return root
+
+
+def test_the_build_is_timed_on_a_case_past_the_last_level_cache(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The build variants are chosen on a read from memory on any host: the timing case is 3x the
+    last-level cache the process's CPUs share (a 75 MB case fitted in an Intel host's 105 MiB L3), never
+    under the first case's 2,048 columns (75 MB) nor over 512 MiB; sysfs's sizes read as the kernel
+    writes them; the instances of the highest level summed, those of CPUs the process may not run on
+    left out; no sysfs, no size (the 75 MB case)."""
+    assert cpu_attention._size("32768K\n") == 32 << 20 and cpu_attention._size("1M") == 1 << 20
+    assert cpu_attention._size("512") == 512
+    per_column = 24 * 3 * 64 * 4 * 2
+    assert cpu_attention._timing_columns(None) == 2048  # unknown: the case the kernel was first timed on
+    assert cpu_attention._timing_columns(16 << 20) == 2048  # a small cache: still 75 MB
+    for mib in (32, 105):
+        columns = cpu_attention._timing_columns(mib << 20)
+        assert columns % 16 == 0 and 3 * (mib << 20) <= columns * per_column < 3 * (mib << 20) + 16 * per_column
+    assert cpu_attention._timing_columns(1 << 40) * per_column <= 512 << 20 < (
+        cpu_attention._timing_columns(1 << 40) + 16) * per_column
+
+    one_l3 = {cpu: [(1, "Data", "48K", str(cpu)), (1, "Instruction", "32K", str(cpu)),
+                    (2, "Unified", "2048K", str(cpu)), (3, "Unified", "107520K", "0-3")] for cpu in range(4)}
+    monkeypatch.setattr(cpu_attention.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    assert cpu_attention._last_level_cache(_cache_tree(tmp_path / "intel", one_l3)) == 105 << 20
+    two_l3 = {cpu: [(2, "Unified", "1024K", str(cpu)), (3, "Unified", "32768K", "0-1" if cpu < 2 else "2-3")]
+              for cpu in range(4)}
+    assert cpu_attention._last_level_cache(_cache_tree(tmp_path / "two", two_l3)) == 64 << 20
+    monkeypatch.setattr(cpu_attention.os, "sched_getaffinity", lambda pid: {2, 3})
+    assert cpu_attention._last_level_cache(tmp_path / "two") == 32 << 20
+    assert cpu_attention._last_level_cache(tmp_path / "none") is None
+    monkeypatch.undo()
+    here = cpu_attention._last_level_cache()  # this machine's sysfs, where it has one
+    assert here is None or here >= 1 << 20

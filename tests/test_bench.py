@@ -181,3 +181,17 @@ def test_the_heap_trim_script_runs_tiny() -> None:
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "trimmed / not trimmed:" in done.stdout and "tokens the same on 8/8 rows" in done.stdout
+
+
+def test_the_kernel_variants_script_runs_tiny() -> None:
+    """bench/kernel_variants.py: the attention kernel's four build variants side by side on a case inside the
+    last-level cache and on the build's own case (past it), each with the variant that size would keep."""
+    done = subprocess.run([sys.executable, str(REPO / "bench/kernel_variants.py"), "--of-cache", "0.25",
+                           "--rounds", "1"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    variants = "|".join(re.escape(v) for v in ("prefetch", "no-prefetch", "w8-prefetch", "w8-no-prefetch"))
+    cell = r"\s+[\d.]+ ms\s+[\d.]+ GiB/s"
+    assert re.search(rf"^\s+the build's case\s+[\d.]+{cell * 4}\s+({variants})$", out, re.MULTILINE), out
+    if not out.startswith("last-level cache unknown"):
+        assert re.search(rf"^\s+0.25x the cache\s+[\d.]+{cell * 4}\s+({variants})$", out, re.MULTILINE), out

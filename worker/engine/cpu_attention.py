@@ -16,8 +16,9 @@ threads are OpenMP's, linked to the runtime torch itself loaded, so `torch.set_n
 them and no second pool competes with torch's. It is built four times, with and without software
 prefetch (which reads faster depends on the machine's prefetchers: a Xeon needed it, an AMD EPYC ran
 faster without) and with 16-float or 8-float vectors (one AVX-512 or one AVX2 register: on an
-AVX2-only EPYC the 16-float build ran 3.2x slower), all timed on a 75 MB case, and the fastest kept
-(about 15 s, once per machine, when a CPU worker loads a float32 model). Where any of that is
+AVX2-only EPYC the 16-float build ran 3.2x slower), all timed on a case of keys and values three
+times the machine's last-level cache (at least 75 MB, at most 512 MiB: `_timing_columns`), and the
+fastest kept (about 15 s, once per machine, when a CPU worker loads a float32 model). Where any of that is
 missing (no compiler, no OpenMP runtime in torch, a build that fails, a probe that disagrees with
 the plain operations), `attend` returns None and the engine keeps torch's flash attention; the log
 says why, once.
@@ -99,6 +100,59 @@ VARIANTS = {"prefetch": "-DAHEAD=16", "no-prefetch": "-DAHEAD=0",
             "w8-prefetch": "-DAHEAD=16 -DW=8", "w8-no-prefetch": "-DAHEAD=0 -DW=8"}
 
 
+#: The timing case's keys and values (`_timed`) take at least PAST_CACHE times the last-level cache the
+#: process's CPUs share, so that what is timed is a read from memory, as at a long decode step, on any
+#: host (the first cases of 75 MB fitted in an Intel host's 105 MiB L3, where the variants were then
+#: chosen on a read from cache); never less than TIMING_MIN bytes, nor more than TIMING_MAX (memory the
+#: build holds for a moment). TIMING names the rule in the kernel cache's key: a change re-times.
+PAST_CACHE, TIMING_MIN, TIMING_MAX, TIMING = 3, 72 << 20, 512 << 20, "timed past 3x the last-level cache"
+#: The timing case's shape: a decode step of the demo model (24 rows, 3 key/value heads of 3 query
+#: heads, head_dim 64); its keys' and values' columns are sized by `_timing_columns`.
+TIMING_ROWS, TIMING_KV, TIMING_GROUPS, TIMING_DIM = 24, 3, 3, 64
+
+
+def _size(text: str) -> int:
+    """A sysfs cache size ("32768K", "1M", "512") in bytes."""
+    text = text.strip().upper()
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+    return int(text.rstrip("KMG")) * scale
+
+
+def _last_level_cache(root: Path = Path("/sys/devices/system/cpu")) -> int | None:
+    """Bytes of the highest-level cache the CPUs this process may run on share: the sum over its
+    instances (one per group of CPUs in `shared_cpu_list`) that hold any of them; None where sysfs does
+    not say."""
+    try:
+        cpus = os.sched_getaffinity(0)
+    except (AttributeError, OSError):
+        cpus = None
+    instances: dict[tuple[int, str], int] = {}  # (level, shared_cpu_list) -> size
+    for index in root.glob("cpu[0-9]*/cache/index[0-9]*"):
+        try:
+            cpu = int(index.parent.parent.name[3:])
+            if cpus is not None and cpu not in cpus:
+                continue
+            kind = (index / "type").read_text().strip()
+            if kind not in ("Unified", "Data"):
+                continue
+            level = int((index / "level").read_text())
+            instances[(level, (index / "shared_cpu_list").read_text().strip())] = _size((index / "size").read_text())
+        except (OSError, ValueError):
+            continue
+    if not instances:
+        return None
+    top = max(level for level, _ in instances)
+    return sum(size for (level, _), size in instances.items() if level == top) or None
+
+
+def _timing_columns(cache: int | None) -> int:
+    """The timing case's columns of keys and values (a multiple of 16) for a last-level cache of
+    `cache` bytes (None: unknown): PAST_CACHE times it, at least TIMING_MIN, at most TIMING_MAX."""
+    block = TIMING_ROWS * TIMING_KV * TIMING_DIM * 4 * 2 * 16  # 16 columns of float32 keys and values
+    wanted = max(TIMING_MIN, PAST_CACHE * (cache or 0))
+    return min(-(-wanted // block), TIMING_MAX // block) * 16
+
+
 def _compile(cc: str, runtime: Path, define: str, lib: Path) -> None:
     obj = lib.with_suffix(".o")
     subprocess.run([cc, "-O3", "-march=native", "-fPIC", *define.split(), "-Wno-psabi", "-fopenmp", "-c", str(SOURCE),
@@ -124,15 +178,19 @@ def _build(cc: str, runtime: Path, target: Path) -> Any:
 def _keep_fastest(libs: dict[str, Path], target: Path) -> Any:
     """Move the fastest of the built variants `libs` (name -> library) to `target`; its function."""
     functions = {name: _load(lib) for name, lib in libs.items()}
+    cache = _last_level_cache()
+    columns = _timing_columns(cache)
     try:
-        times = _timed(functions)
+        times = _timed(functions, columns=columns)
     except (RuntimeError, MemoryError) as error:  # timing is a choice of speed only: keep the first
         best = next(iter(libs))
         log.warning("decode attention kernel built into %s: %s (not timed: %s)", target, best, error)
     else:
         best = min(times, key=lambda name: times[name])
-        log.info("decode attention kernel built into %s: %s (%s)", target, best,
-                 ", ".join(f"{name} {ms:.1f} ms" for name, ms in times.items()))
+        log.info("decode attention kernel built into %s: %s (%s; on %d MiB of keys and values, the "
+                 "last-level cache %s)", target, best, ", ".join(f"{name} {ms:.1f} ms" for name, ms in times.items()),
+                 columns * TIMING_ROWS * TIMING_KV * TIMING_DIM * 8 >> 20,
+                 f"{cache >> 20} MiB" if cache else "unknown")
     os.replace(libs[best], target)  # the loaded library stays mapped where it was
     return functions[best]
 
@@ -144,15 +202,17 @@ def _load(lib: Path) -> Any:
     return function
 
 
-def _timed(functions: dict[str, Any], rounds: int = 3) -> dict[str, float]:
+def _timed(functions: dict[str, Any], rounds: int = 3, columns: int | None = None) -> dict[str, float]:
     """Each function's best time (ms) over `rounds` alternated runs on a decode step's attention at the
-    demo model's shape (24 rows, 3 key/value heads of 3 query heads, head_dim 64) with 2,048 columns
-    of keys and values: 75 MB, past the caches, so that it is the memory that is read."""
+    demo model's shape (`TIMING_ROWS` ...) with `columns` columns of keys and values (default
+    `_timing_columns` of this machine's last-level cache: past the caches, so that it is the memory
+    that is read)."""
     from .attention import Handoff
     from .lora_routing import Run
 
     gen = torch.Generator().manual_seed(0)
-    rows, kv, groups, dim, own = 24, 3, 3, 64, 2048
+    rows, kv, groups, dim = TIMING_ROWS, TIMING_KV, TIMING_GROUPS, TIMING_DIM
+    own = columns if columns is not None else _timing_columns(_last_level_cache())
     keys, values = torch.randn(rows, kv, own, dim, generator=gen), torch.randn(rows, kv, own, dim, generator=gen)
     prefix = torch.zeros(1, kv, 0, dim)
     handoff = Handoff(keys, values, prefix, prefix, (Run(0, 0, rows),))
@@ -185,7 +245,8 @@ def _kernel() -> Any:
 
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-        key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, version, _cpu_flags(), str(runtime)]).encode())
+        key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, version, _cpu_flags(), str(runtime),
+                                         TIMING]).encode())
         target = Settings.from_env().cache_dir / "kernels" / f"cpu_attention-{key.hexdigest()[:16]}.so"
         function = _load(target) if target.exists() else _build(cc, runtime, target)
     except (OSError, subprocess.SubprocessError) as error:
