@@ -36,13 +36,14 @@ def main() -> None:
     import torch
 
     from worker.engine import cpu_attention as kernel
+    from worker.engine import cpu_cache
 
     torch.set_num_threads(args.threads)
     cc = shutil.which("cc") or shutil.which("gcc")
     runtime = kernel._openmp_runtime()
     if cc is None or runtime is None:
         sys.exit("kernel_variants.py: needs a C compiler and torch's OpenMP runtime (as the engine's kernel does)")
-    cache = kernel._last_level_cache()
+    cache = cpu_cache.last_level()
     per_column = kernel.TIMING_ROWS * kernel.TIMING_KV * kernel.TIMING_DIM * 4 * 2
     build = kernel._timing_columns(cache)
     sizes = [(f"{m:g}x the cache", max(16, round(m * cache / per_column / 16) * 16)) for m in args.of_cache] if cache \

@@ -19,7 +19,7 @@ import pytest
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from worker.engine import attention, cpu_attention
+from worker.engine import attention, cpu_attention, cpu_cache
 from worker.engine.lora_routing import segments
 
 
@@ -334,7 +334,7 @@ def test_a_build_compiles_each_variant_and_returns_the_kept_one(tmp_path: Any, m
                         lambda fs, columns: (asked.append(columns), {n: float(i) for i, n in enumerate(fs)})[1])
     with caplog.at_level(logging.INFO, logger=cpu_attention.__name__):
         function = cpu_attention._build(cc, runtime, tmp_path / "kernels" / "k.so")
-    cache = cpu_attention._last_level_cache()
+    cache = cpu_cache.last_level()
     assert asked == [cpu_attention._timing_columns(cache)]
     said = [r.getMessage() for r in caplog.records if "built into" in r.getMessage()]
     assert len(said) == 1 and f"on {asked[0] * 24 * 3 * 64 * 8 >> 20} MiB of keys and values" in said[0]
@@ -372,8 +372,8 @@ def test_the_build_is_timed_on_a_case_past_the_last_level_cache(tmp_path: Path,
     under the first case's 2,048 columns (75 MB) nor over 512 MiB; sysfs's sizes read as the kernel
     writes them; the instances of the highest level summed, those of CPUs the process may not run on
     left out; no sysfs, no size (the 75 MB case)."""
-    assert cpu_attention._size("32768K\n") == 32 << 20 and cpu_attention._size("1M") == 1 << 20
-    assert cpu_attention._size("512") == 512
+    assert cpu_cache.size("32768K\n") == 32 << 20 and cpu_cache.size("1M") == 1 << 20
+    assert cpu_cache.size("512") == 512
     per_column = 24 * 3 * 64 * 4 * 2
     assert cpu_attention._timing_columns(None) == 2048  # unknown: the case the kernel was first timed on
     assert cpu_attention._timing_columns(16 << 20) == 2048  # a small cache: still 75 MB
@@ -385,14 +385,14 @@ def test_the_build_is_timed_on_a_case_past_the_last_level_cache(tmp_path: Path,
 
     one_l3 = {cpu: [(1, "Data", "48K", str(cpu)), (1, "Instruction", "32K", str(cpu)),
                     (2, "Unified", "2048K", str(cpu)), (3, "Unified", "107520K", "0-3")] for cpu in range(4)}
-    monkeypatch.setattr(cpu_attention.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
-    assert cpu_attention._last_level_cache(_cache_tree(tmp_path / "intel", one_l3)) == 105 << 20
+    monkeypatch.setattr(cpu_cache.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    assert cpu_cache.last_level(_cache_tree(tmp_path / "intel", one_l3)) == 105 << 20
     two_l3 = {cpu: [(2, "Unified", "1024K", str(cpu)), (3, "Unified", "32768K", "0-1" if cpu < 2 else "2-3")]
               for cpu in range(4)}
-    assert cpu_attention._last_level_cache(_cache_tree(tmp_path / "two", two_l3)) == 64 << 20
-    monkeypatch.setattr(cpu_attention.os, "sched_getaffinity", lambda pid: {2, 3})
-    assert cpu_attention._last_level_cache(tmp_path / "two") == 32 << 20
-    assert cpu_attention._last_level_cache(tmp_path / "none") is None
+    assert cpu_cache.last_level(_cache_tree(tmp_path / "two", two_l3)) == 64 << 20
+    monkeypatch.setattr(cpu_cache.os, "sched_getaffinity", lambda pid: {2, 3})
+    assert cpu_cache.last_level(tmp_path / "two") == 32 << 20
+    assert cpu_cache.last_level(tmp_path / "none") is None
     monkeypatch.undo()
-    here = cpu_attention._last_level_cache()  # this machine's sysfs, where it has one
+    here = cpu_cache.last_level()  # this machine's sysfs, where it has one
     assert here is None or here >= 1 << 20

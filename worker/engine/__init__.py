@@ -9,7 +9,8 @@
 - `lora_routing`: mixed-adapter batches without PEFT's per-layer bookkeeping; `cpu_head`: the
   output projection on a multiple of 8 rows on CPU; `cpu_linear`: float32 linear layers through
   oneDNN on CPU; `attention`: a decode step's attention over the prefix and own columns in place,
-  `cpu_attention` its C kernel on CPU; `contention`: one thread while other work has the cores;
+  `cpu_attention` its C kernel on CPU (`cpu_cache`: the machine's last-level cache, which sizes the
+  kernel build's timing); `contention`: one thread while other work has the cores;
 - `fidelity`: which fast paths a call may take, and the exact fallbacks; `plain`: one prompt at a
   time with plain transformers + PEFT, the reference;
 - `steps`: an opt-in record of the loop's steps, for benchmarks;

@@ -45,6 +45,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from . import cpu_cache
+
 if TYPE_CHECKING:
     from .attention import Handoff
 
@@ -101,48 +103,15 @@ VARIANTS = {"prefetch": "-DAHEAD=16", "no-prefetch": "-DAHEAD=0",
 
 
 #: The timing case's keys and values (`_timed`) take at least PAST_CACHE times the last-level cache the
-#: process's CPUs share, so that what is timed is a read from memory, as at a long decode step, on any
-#: host (the first cases of 75 MB fitted in an Intel host's 105 MiB L3, where the variants were then
-#: chosen on a read from cache); never less than TIMING_MIN bytes, nor more than TIMING_MAX (memory the
-#: build holds for a moment). TIMING names the rule in the kernel cache's key: a change re-times.
+#: process's CPUs share (`cpu_cache.last_level`), so that what is timed is a read from memory, as at a
+#: long decode step, on any host (the first cases of 75 MB fitted in an Intel host's 105 MiB L3, where
+#: the variants were then chosen on a read from cache); never less than TIMING_MIN bytes, nor more than
+#: TIMING_MAX (memory the build holds for a moment). TIMING names the rule in the kernel cache's key: a
+#: change re-times.
 PAST_CACHE, TIMING_MIN, TIMING_MAX, TIMING = 3, 72 << 20, 512 << 20, "timed past 3x the last-level cache"
 #: The timing case's shape: a decode step of the demo model (24 rows, 3 key/value heads of 3 query
 #: heads, head_dim 64); its keys' and values' columns are sized by `_timing_columns`.
 TIMING_ROWS, TIMING_KV, TIMING_GROUPS, TIMING_DIM = 24, 3, 3, 64
-
-
-def _size(text: str) -> int:
-    """A sysfs cache size ("32768K", "1M", "512") in bytes."""
-    text = text.strip().upper()
-    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
-    return int(text.rstrip("KMG")) * scale
-
-
-def _last_level_cache(root: Path = Path("/sys/devices/system/cpu")) -> int | None:
-    """Bytes of the highest-level cache the CPUs this process may run on share: the sum over its
-    instances (one per group of CPUs in `shared_cpu_list`) that hold any of them; None where sysfs does
-    not say."""
-    try:
-        cpus = os.sched_getaffinity(0)
-    except (AttributeError, OSError):
-        cpus = None
-    instances: dict[tuple[int, str], int] = {}  # (level, shared_cpu_list) -> size
-    for index in root.glob("cpu[0-9]*/cache/index[0-9]*"):
-        try:
-            cpu = int(index.parent.parent.name[3:])
-            if cpus is not None and cpu not in cpus:
-                continue
-            kind = (index / "type").read_text().strip()
-            if kind not in ("Unified", "Data"):
-                continue
-            level = int((index / "level").read_text())
-            instances[(level, (index / "shared_cpu_list").read_text().strip())] = _size((index / "size").read_text())
-        except (OSError, ValueError):
-            continue
-    if not instances:
-        return None
-    top = max(level for level, _ in instances)
-    return sum(size for (level, _), size in instances.items() if level == top) or None
 
 
 def _timing_columns(cache: int | None) -> int:
@@ -178,7 +147,7 @@ def _build(cc: str, runtime: Path, target: Path) -> Any:
 def _keep_fastest(libs: dict[str, Path], target: Path) -> Any:
     """Move the fastest of the built variants `libs` (name -> library) to `target`; its function."""
     functions = {name: _load(lib) for name, lib in libs.items()}
-    cache = _last_level_cache()
+    cache = cpu_cache.last_level()
     columns = _timing_columns(cache)
     try:
         times = _timed(functions, columns=columns)
@@ -212,7 +181,7 @@ def _timed(functions: dict[str, Any], rounds: int = 3, columns: int | None = Non
 
     gen = torch.Generator().manual_seed(0)
     rows, kv, groups, dim = TIMING_ROWS, TIMING_KV, TIMING_GROUPS, TIMING_DIM
-    own = columns if columns is not None else _timing_columns(_last_level_cache())
+    own = columns if columns is not None else _timing_columns(cpu_cache.last_level())
     keys, values = torch.randn(rows, kv, own, dim, generator=gen), torch.randn(rows, kv, own, dim, generator=gen)
     prefix = torch.zeros(1, kv, 0, dim)
     handoff = Handoff(keys, values, prefix, prefix, (Run(0, 0, rows),))
