@@ -44,11 +44,9 @@ def main() -> None:
     if cc is None or runtime is None:
         sys.exit("kernel_variants.py: needs a C compiler and torch's OpenMP runtime (as the engine's kernel does)")
     cache = cpu_cache.last_level()
-    per_column = kernel.TIMING_ROWS * kernel.TIMING_KV * kernel.TIMING_DIM * 4 * 2
-    build = kernel._timing_columns(cache)
-    sizes = [(f"{m:g}x the cache", max(16, round(m * cache / per_column / 16) * 16)) for m in args.of_cache] if cache \
-        else []
-    sizes.append(("the build's case", build))
+    per_column = kernel.TIMING_COLUMN_BYTES
+    sizes = [(f"{m:g}x the cache", max(16, round(m * cache / per_column / 16) * 16)) for m in args.of_cache if cache]
+    sizes.append(("the build's case", kernel._timing_columns(cache)))
     print(f"last-level cache {cache >> 20 if cache else 'unknown'} MiB; {args.threads} threads; a decode step's "
           f"attention, {kernel.TIMING_ROWS} rows x {kernel.TIMING_KV} key/value heads of {kernel.TIMING_DIM} "
           f"({kernel.TIMING_GROUPS} query heads each), float32; best of {args.rounds} alternated runs")

@@ -287,7 +287,7 @@ def test_the_build_variants_compute_the_same_and_the_faster_is_kept(tmp_path: An
             torch.testing.assert_close(out.transpose(1, 2), expected, rtol=1e-5, atol=1e-5, msg=name)
         assert torch.equal(outs["prefetch"], outs["no-prefetch"])
         assert torch.equal(outs["w8-prefetch"], outs["w8-no-prefetch"])
-    times = cpu_attention._timed(functions, rounds=1)
+    times = cpu_attention._timed(functions, cpu_attention._timing_columns(None), rounds=1)
     assert set(times) == set(cpu_attention.VARIANTS) and all(0 < t < float("inf") for t in times.values())
 
     def built(name: str) -> dict[str, Path]:

@@ -112,12 +112,14 @@ PAST_CACHE, TIMING_MIN, TIMING_MAX, TIMING = 3, 72 << 20, 512 << 20, "timed past
 #: The timing case's shape: a decode step of the demo model (24 rows, 3 key/value heads of 3 query
 #: heads, head_dim 64); its keys' and values' columns are sized by `_timing_columns`.
 TIMING_ROWS, TIMING_KV, TIMING_GROUPS, TIMING_DIM = 24, 3, 3, 64
+#: Bytes of one column of the timing case: float32 keys and values of every row and key/value head.
+TIMING_COLUMN_BYTES = TIMING_ROWS * TIMING_KV * TIMING_DIM * 4 * 2
 
 
 def _timing_columns(cache: int | None) -> int:
     """The timing case's columns of keys and values (a multiple of 16) for a last-level cache of
     `cache` bytes (None: unknown): PAST_CACHE times it, at least TIMING_MIN, at most TIMING_MAX."""
-    block = TIMING_ROWS * TIMING_KV * TIMING_DIM * 4 * 2 * 16  # 16 columns of float32 keys and values
+    block = TIMING_COLUMN_BYTES * 16
     wanted = max(TIMING_MIN, PAST_CACHE * (cache or 0))
     return min(-(-wanted // block), TIMING_MAX // block) * 16
 
@@ -158,7 +160,7 @@ def _keep_fastest(libs: dict[str, Path], target: Path) -> Any:
         best = min(times, key=lambda name: times[name])
         log.info("decode attention kernel built into %s: %s (%s; on %d MiB of keys and values, the "
                  "last-level cache %s)", target, best, ", ".join(f"{name} {ms:.1f} ms" for name, ms in times.items()),
-                 columns * TIMING_ROWS * TIMING_KV * TIMING_DIM * 8 >> 20,
+                 columns * TIMING_COLUMN_BYTES >> 20,
                  f"{cache >> 20} MiB" if cache else "unknown")
     os.replace(libs[best], target)  # the loaded library stays mapped where it was
     return functions[best]
@@ -171,17 +173,15 @@ def _load(lib: Path) -> Any:
     return function
 
 
-def _timed(functions: dict[str, Any], rounds: int = 3, columns: int | None = None) -> dict[str, float]:
+def _timed(functions: dict[str, Any], columns: int, rounds: int = 3) -> dict[str, float]:
     """Each function's best time (ms) over `rounds` alternated runs on a decode step's attention at the
-    demo model's shape (`TIMING_ROWS` ...) with `columns` columns of keys and values (default
-    `_timing_columns` of this machine's last-level cache: past the caches, so that it is the memory
-    that is read)."""
+    demo model's shape (`TIMING_ROWS` ...) with `columns` columns of keys and values (the build's:
+    `_timing_columns`, past the caches, so that it is the memory that is read)."""
     from .attention import Handoff
     from .lora_routing import Run
 
     gen = torch.Generator().manual_seed(0)
-    rows, kv, groups, dim = TIMING_ROWS, TIMING_KV, TIMING_GROUPS, TIMING_DIM
-    own = columns if columns is not None else _timing_columns(cpu_cache.last_level())
+    rows, kv, groups, dim, own = TIMING_ROWS, TIMING_KV, TIMING_GROUPS, TIMING_DIM, columns
     keys, values = torch.randn(rows, kv, own, dim, generator=gen), torch.randn(rows, kv, own, dim, generator=gen)
     prefix = torch.zeros(1, kv, 0, dim)
     handoff = Handoff(keys, values, prefix, prefix, (Run(0, 0, rows),))
