@@ -17,7 +17,10 @@ generated tokens/s, peak memory (CPU: the process's peak RSS since the base mode
 GPU: peak allocated), agreement of outputs with (b), the ratios against (b), and per forward pass
 over the weights: decode passes, rows per pass, time per pass against the memory-bandwidth floor
 (weight bytes / bandwidth). With the peer, a second table: generate and whole-process wall times,
-outputs compared as token ids with (b), (c) and vLLM on every row, and decode ms per step.
+outputs compared as token ids with (b), (c) and vLLM on every row, and decode ms per step. Under a
+run's line, what the thread governor did in it (`worker.engine.contention`: it drops the decode loop
+to one thread when the process gets much less than its cores, as when the host is busy), so that a
+slow run can be told from a slow engine.
 
 On the demo model it then measures lora-compare's embedded mode at chunk_size 64 (the Celery task
 on an in-process worker, SQLite): its overhead beyond generation, and a second run with a new
@@ -38,6 +41,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -594,6 +598,41 @@ def run_embedded_pair(spec: dict[str, Any], *, batch: int, new_tokens: int, chun
     return result
 
 
+class GovernorLog(logging.Handler):
+    """Keeps what the thread governor (`worker.engine.contention`) logs while installed: each time it
+    drops a decode call to one thread (the process got much less than its cores: a busy host) or goes
+    back. A strategy's child installs one around its run and returns the messages with its result."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+    def __enter__(self) -> GovernorLog:
+        logger = logging.getLogger("worker.engine.contention")
+        self._level = logger.level
+        logger.setLevel(logging.INFO)
+        logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        logger = logging.getLogger("worker.engine.contention")
+        logger.removeHandler(self)
+        logger.setLevel(self._level)
+
+
+def governor_note(messages: list[str]) -> str | None:
+    """One line on what the governor did in a run (None: nothing, the run kept its threads)."""
+    if not messages:
+        return None
+    drops = sum("cores taken" in m for m in messages)
+    shown = messages if len(messages) <= 3 else [*messages[:2], "...", messages[-1]]
+    return (f"thread governor: {len(messages)} switch(es), {drops} to one thread (a busy host, not the "
+            f"engine): " + "; ".join(shown))
+
+
 # --- the parent ---------------------------------------------------------------------------------
 
 def _child(kind: str, spec_path: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -714,8 +753,10 @@ def main() -> None:
     if args.one:
         spec = json.loads(Path(args.one[1]).read_text())
         kwargs = dict(batch=args.batch, new_tokens=args.new_tokens, chunk=args.chunk, device=args.device)
-        result = run_embedded_pair(spec, **kwargs) if args.one[0] == "embedded" else run_strategy(
-            args.one[0], spec, **kwargs)
+        with GovernorLog() as governor:
+            result = run_embedded_pair(spec, **kwargs) if args.one[0] == "embedded" else run_strategy(
+                args.one[0], spec, **kwargs)
+        result["governor"] = governor.messages
         print(json.dumps(result))
         return
 
@@ -759,6 +800,9 @@ def main() -> None:
                         run = _child(name, spec_path, args)
                         print(f"  ran {name}: {run['wall_s']:.2f} s generating, {run['process_s']:.2f} s the process",
                               flush=True)
+                        note = governor_note(run.get("governor", []))
+                        if note:
+                            print(f"    {note}", flush=True)
                         if name not in results or run["wall_s"] < results[name]["wall_s"]:
                             results[name] = run
                 print_table(k, args.prompts, results, bandwidth)

@@ -2,13 +2,15 @@
 Llama shapes, fixed output length) on CPU with a tiny shape, so it is ready for a lent GPU
 (`--device cuda --shape 1b --shape 8b`); rows_per_pass.py; control_plane.py with a few simulated
 workers; loglik_vs_harness.py on a tiny model against lm-evaluation-harness; contention.py small;
-linear_kernels.py on the tiny shape."""
+linear_kernels.py on the tiny shape; compare_strategies.py's record of the thread governor's switches."""
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -195,3 +197,35 @@ def test_the_kernel_variants_script_runs_tiny() -> None:
     assert re.search(rf"^\s+the build's case\s+[\d.]+{cell * 4}\s+({variants})$", out, re.MULTILINE), out
     if not out.startswith("last-level cache unknown"):
         assert re.search(rf"^\s+0.25x the cache\s+[\d.]+{cell * 4}\s+({variants})$", out, re.MULTILINE), out
+
+
+def test_compare_strategies_reports_what_the_thread_governor_did(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run that the governor dropped to one thread (its process got little of its cores: a busy
+    host) says so under its line: its child records the real governor's log messages."""
+    import torch
+
+    from worker.engine import contention
+
+    spec = importlib.util.spec_from_file_location("compare_strategies", REPO / "bench/compare_strategies.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "compare_strategies", bench)  # its dataclasses look their module up
+    spec.loader.exec_module(bench)
+    monkeypatch.delenv(contention.ENV, raising=False)
+    monkeypatch.setattr(contention, "WINDOW", 0.05)
+    monkeypatch.setattr(contention, "_last_end", None)  # restored after: later calls start as before
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with bench.GovernorLog() as log:
+            governor = contention.Governor()
+            time.sleep(0.2)  # wall time without CPU time: to the governor, the cores are taken
+            governor.step()
+            assert torch.get_num_threads() == 1
+            governor.close()
+    finally:
+        torch.set_num_threads(threads)
+    assert len(log.messages) == 1 and "cores taken by other work" in log.messages[0], log.messages
+    note = bench.governor_note(log.messages)
+    assert note is not None and note.startswith("thread governor: 1 switch(es), 1 to one thread")
+    assert bench.governor_note([]) is None
