@@ -44,7 +44,7 @@ def padded_rows_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
         return flat.view(*x.shape[:-1], self.weight.shape[0])
     if not PAD_ROWS.get():
         return cpu_linear.linear(x, self.weight, self.bias)
-    return cpu_linear.padded_rows(x, self.weight, self.bias, 8, cpu_linear.linear)
+    return cpu_linear.padded_rows(x, self.weight, self.bias, cpu_linear.HEAD_ROWS, cpu_linear.linear)
 
 
 def pad_output_rows(model: Any) -> None:

@@ -49,6 +49,9 @@ log = logging.getLogger(__name__)
 
 #: oneDNN's inputs are padded to a multiple of this many rows (see `linear`).
 ROWS = 8
+#: The output projection's rows are padded to a multiple of this many on CPU (`cpu_head`), whichever
+#: library computes it.
+HEAD_ROWS = 8
 #: Smaller weights keep MKL: LoRA's A and B and tiny models, where oneDNN's ~20 us per call is more
 #: than their whole product (`bench/linear_kernels.py --shape tiny`), and narrow projections such as
 #: the demo model's 576 x 192 keys and values (110,592 elements), where oneDNN took 0.8x MKL's time
@@ -148,29 +151,35 @@ def _decode_weights(model: Any) -> list[tuple[torch.Tensor, torch.Tensor | None]
 _CHOSEN: dict[tuple[Any, ...], frozenset[tuple[int, ...]]] = {}
 
 
-def faster(model: Any, rows: int) -> frozenset[tuple[int, ...]]:
+def faster(model: Any, rows: int, padded_head: bool = False) -> frozenset[tuple[int, ...]]:
     """The shapes of `model`'s weights whose decode-step products oneDNN computes faster (by
     `MARGIN`) than torch's default GEMM on this machine, for a decode call of up to `rows` rows: per
     shape, every weight of that shape once per round on three quarters of `rows` (oneDNN's input
     padded as `linear` pads it), the two alternated `ROUNDS` times, the best round of each compared.
-    Timed once per process for each shape of model and number of rows; empty without oneDNN or
-    without weights that it would take."""
+    `padded_head`: the call pads the output projection's rows to `HEAD_ROWS` (`cpu_head`), so its
+    default product is timed padded too, as the call will run it (MKL's float32 GEMM of the demo
+    model's head took 18.8 ms at 12 rows and 9.1 ms at 16 on an Intel host, bench/README.md: timed
+    unpadded, it lost to oneDNN where padded it wins). Timed once per process for each shape of model,
+    number of rows and padding; empty without oneDNN or without weights that it would take."""
     weights = _decode_weights(model)
     if not weights or not available():
         return frozenset()
     rows = max(1, -(-rows * 3 // 4))  # a call's rows in flight range over about [rows / 2, rows]
-    key = (tuple((tuple(w.shape), b is not None) for w, b in weights), rows)
+    head = _head_weight(model) if padded_head else None
+    key = (tuple((tuple(w.shape), b is not None) for w, b in weights), rows, head is not None)
     if key not in _CHOSEN:
         by_shape: dict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor | None]]] = {}
         for weight, bias in weights:
             by_shape.setdefault(tuple(weight.shape), []).append((weight, bias))
-        products: dict[str, Product] = {
-            "default": _default_product,
-            "oneDNN": lambda x, weight, bias: padded_rows(x, weight, bias, ROWS, _onednn_product),  # as `linear`
-        }
         chosen, said = set(), []
         with torch.inference_mode():
             for shape, group in by_shape.items():
+                padded = head is not None and any(weight is head for weight, _ in group)
+                products: dict[str, Product] = {
+                    "default": (lambda x, weight, bias: padded_rows(x, weight, bias, HEAD_ROWS, _default_product))
+                    if padded else _default_product,  # padded as `cpu_head` runs it
+                    "oneDNN": lambda x, weight, bias: padded_rows(x, weight, bias, ROWS, _onednn_product),  # `linear`
+                }
                 x = torch.randn(rows, shape[1], generator=torch.Generator().manual_seed(0))
                 best = {name: float("inf") for name in products}
                 for _ in range(ROUNDS + 1):  # the first round warms up (primitives, pages), uncounted
@@ -188,6 +197,14 @@ def faster(model: Any, rows: int) -> frozenset[tuple[int, ...]]:
         log.info("float32 decode products at %d rows through oneDNN where %.2fx faster: %s", rows, MARGIN,
                  "; ".join(said))
     return _CHOSEN[key]
+
+
+def _head_weight(model: Any) -> torch.Tensor | None:
+    """The weight of `model`'s output projection where it is a plain `nn.Linear` (what `cpu_head`
+    pads), else None."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    return head.weight if isinstance(head, torch.nn.Linear) else None
 
 
 @functools.cache
@@ -215,11 +232,11 @@ def free_blas_buffers() -> None:
         function()
 
 
-def wanted(model: Any, option: bool | None, rows: int) -> Choice:
+def wanted(model: Any, option: bool | None, rows: int, padded_head: bool = False) -> Choice:
     """Which of `model`'s float32 products a decode call of up to `rows` rows runs through oneDNN:
     all or none as `option` (`DecodeOptions.onednn_linear`) says, else (None) the shapes for which
-    `faster` found it faster."""
-    return option if option is not None else faster(model, rows)
+    `faster` found it faster (`padded_head`: the call pads the output projection's rows)."""
+    return option if option is not None else faster(model, rows, padded_head)
 
 
 def _forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:

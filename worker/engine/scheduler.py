@@ -73,9 +73,10 @@ def decode_rows(model: Any, prompts: Sequence[Sequence[int]], request: DecodeReq
     cpu = call.device.type == "cpu"
     if cpu:
         heap.apply()  # a step's large tensors go back to the system when freed (`worker.heap`)
-    with padding_rows(model, call.options.pad_output_rows and cpu), \
+    padded = call.options.pad_output_rows and cpu
+    with padding_rows(model, padded), \
             cpu_linear.onednn(model, cpu and cpu_linear.wanted(model, call.options.onednn_linear,
-                                                               call.options.capacity)), \
+                                                               call.options.capacity, padded)), \
             attention.in_place(model, call.options.in_place_attention and cpu), \
             contention.governed(call.options.govern_threads and cpu):
         return _stream(call)
