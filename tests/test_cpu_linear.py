@@ -186,10 +186,11 @@ def test_without_onednn_the_switch_changes_nothing(monkeypatch: pytest.MonkeyPat
 
 
 class Clock:
-    """A stand-in for `time` in `cpu_linear`: the products advance it by what `cost(backend, weight)`
-    says (seconds), so that which is faster is decided here, not by the machine's noise."""
+    """A stand-in for `time` in `cpu_linear`: the products advance it by what `cost(backend, weight,
+    rows of the input)` says (seconds), so that which is faster is decided here, not by the machine's
+    noise."""
 
-    def __init__(self, cost: Callable[[str, torch.Tensor], float]) -> None:
+    def __init__(self, cost: Callable[[str, torch.Tensor, int], float]) -> None:
         self.now, self.cost = 0.0, cost
         self.calls: list[str] = []
 
@@ -205,7 +206,7 @@ class Clock:
     def _timed(self, name: str, product: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         def timed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
             self.calls.append(name)
-            self.now += self.cost(name, weight)
+            self.now += self.cost(name, weight, x.numel() // x.shape[-1])
             return product(x, weight, bias)
         return timed
 
@@ -218,7 +219,7 @@ def test_the_backend_timed_faster_on_this_machine_is_chosen_once_per_shape_and_r
         slower: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """`faster` times both on the model's own weights; the slower one is not chosen, and the answer is
     kept for the model's shape and rows (a second call times nothing)."""
-    clock = Clock(lambda name, weight: 2.0 if name == slower else 1.0)
+    clock = Clock(lambda name, weight, rows: 2.0 if name == slower else 1.0)
     clock.install(monkeypatch)
     model = Model()
     want = ALL_SHAPES if slower == "default" else frozenset()
@@ -234,23 +235,15 @@ def test_the_backend_timed_faster_on_this_machine_is_chosen_once_per_shape_and_r
 @pytest.mark.parametrize(("onednn_s", "chosen"), [(1.0, True), (1.9, True), (1.96, False), (2.0, False)])
 def test_a_near_tie_keeps_the_default(onednn_s: float, chosen: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """oneDNN must be faster by `MARGIN` (1.05: 1.9 s against 2 s is, 1.96 s is not)."""
-    Clock(lambda name, weight: onednn_s if name == "oneDNN" else 2.0).install(monkeypatch)
+    Clock(lambda name, weight, rows: onednn_s if name == "oneDNN" else 2.0).install(monkeypatch)
     assert cpu_linear.faster(Model(), 8) == (ALL_SHAPES if chosen else frozenset())
 
 
 def test_each_shape_is_timed_and_chosen_on_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
     """oneDNN slower for the output projection alone: chosen for the two other shapes."""
-    Clock(lambda name, weight: 2.0 if (name == "oneDNN") == (weight.shape[0] == VOCAB) else 1.0).install(monkeypatch)
+    Clock(lambda name, weight, rows: 2.0 if (name == "oneDNN") == (weight.shape[0] == VOCAB) else 1.0).install(
+        monkeypatch)
     assert cpu_linear.faster(Model(), 8) == ALL_SHAPES - {(VOCAB, H)}
-
-
-def by_rows(clock: Clock, name: str, product: Callable[..., torch.Tensor],
-            cost: Callable[[str, torch.Tensor, int], float]) -> Callable[..., torch.Tensor]:
-    """`product`, advancing `clock` by `cost(name, weight, rows of its input)`."""
-    def timed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        clock.now += cost(name, weight, x.numel() // x.shape[-1])
-        return product(x, weight, bias)
-    return timed
 
 
 @pytest.mark.parametrize("padded_head", [False, True])
@@ -267,11 +260,7 @@ def test_the_head_is_timed_as_the_call_runs_it(padded_head: bool, monkeypatch: p
             return 1.0 if rows % cpu_linear.HEAD_ROWS == 0 else 3.0
         return 2.0
 
-    clock = Clock(lambda name, weight: 0.0)
-    monkeypatch.setattr(cpu_linear, "_CHOSEN", {})
-    monkeypatch.setattr(cpu_linear, "time", clock)
-    for name, attr in (("oneDNN", "_onednn_product"), ("default", "_default_product")):
-        monkeypatch.setattr(cpu_linear, attr, by_rows(clock, name, getattr(cpu_linear, attr), cost))
+    Clock(cost).install(monkeypatch)
     chosen = cpu_linear.faster(Model(), 8, padded_head)
     assert seen[("default", (VOCAB, H))] == ({8} if padded_head else {6})
     assert seen[("default", (INNER, H))] == {6} and seen[("oneDNN", (VOCAB, H))] == {8}
@@ -339,7 +328,7 @@ def test_timing_hands_back_what_mkl_kept(monkeypatch: pytest.MonkeyPatch) -> Non
     """After `faster` has timed MKL on the large shapes, MKL's buffers are freed (once per timing)."""
     freed: list[bool] = []
     monkeypatch.setattr(cpu_linear, "free_blas_buffers", lambda: freed.append(True))
-    Clock(lambda name, weight: 1.0).install(monkeypatch)
+    Clock(lambda name, weight, rows: 1.0).install(monkeypatch)
     cpu_linear.faster(Model(), 8)
     cpu_linear.faster(Model(), 8)
     assert freed == [True]
