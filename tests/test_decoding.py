@@ -483,3 +483,39 @@ def test_a_cache_buffer_the_system_will_not_map_comes_from_the_heap(monkeypatch:
     monkeypatch.setattr(kv_cache.mmap, "mmap", refused)
     got = kv_cache.zeros((16, 3, 64, 64), torch.ones(1))
     assert got.shape == (16, 3, 64, 64) and not got.any()
+
+
+@pytest.mark.parametrize("hidden", [64, 576])
+def test_routed_products_give_pefts_mixed_batch_bit_for_bit(hidden: int) -> None:
+    """`route`'s LoRA products (`mm` on 2-D views of the rows, scaling and sum in place) are the
+    operations PEFT's `adapter_names` runs on the same values: the logits are equal, not close, for
+    a prefill and a one-token step, at a tiny width and at the demo model's (576, where MKL takes
+    its large kernels); an adapter with a LoRA bias takes the `F.linear` path beside them."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=hidden * 8 // 3, num_hidden_layers=1,
+                         num_attention_heads=hidden // 64, num_key_value_heads=1, vocab_size=VOCAB,
+                         pad_token_id=0, eos_token_id=None, bos_token_id=1)
+    model = LlamaForCausalLM(config).eval()
+    peft: Any = None
+    adapters = [(4, ["q_proj", "v_proj"], False), (16, ["gate_proj", "up_proj", "down_proj", "o_proj"], False),
+                (8, ["q_proj", "down_proj"], True)]
+    for i, (rank, targets, bias) in enumerate(adapters):
+        lora = LoraConfig(r=rank, lora_alpha=3 * rank, target_modules=targets, init_lora_weights=False,
+                          lora_bias=bias, task_type="CAUSAL_LM")
+        torch.manual_seed(20 + i)
+        peft = get_peft_model(model, lora, adapter_name=f"ad{i}") if peft is None else peft
+        if i:
+            peft.add_adapter(f"ad{i}", lora)
+    peft.eval()
+    assert lora_routing.install(peft)
+    names = ["__base__"] * 2 + ["ad0"] * 3 + ["ad1"] * 1 + ["ad2"] * 2
+    for tokens in (7, 1):
+        ids = torch.randint(3, VOCAB, (len(names), tokens), generator=torch.Generator().manual_seed(tokens))
+        with torch.inference_mode():
+            with lora_routing.route(names):
+                routed = peft(input_ids=ids).logits
+            mixed = peft(input_ids=ids, adapter_names=names).logits
+        assert torch.equal(routed, mixed), (hidden, tokens)
